@@ -1,0 +1,176 @@
+"""Checkpoints: Orbax saves the whole training state each epoch; runs resume; models restore for inference.
+
+A checkpoint holds two items: `state` (params, batch statistics, optimiser state, step, PRNG key) and `meta`
+(JSON: epoch, metrics history, normalisation constants, class names, config). Orbax writes each checkpoint to a
+temporary directory and renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+
+from mnist_jax.config import Config, UserError
+from mnist_jax.model import build_model
+from mnist_jax.steps import TrainState
+
+CHECKPOINT_DIR = "checkpoints"
+QUARANTINE_DIR = "checkpoints-corrupt"
+
+
+def selection_metric(metrics: dict[str, Any]) -> float:
+    """What "best" means: validation accuracy when the run holds out a validation slice, else test accuracy."""
+    return metrics.get("validation_accuracy", metrics.get("test_accuracy", 0.0))
+
+
+def open_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    """A manager keeping the last `keep` checkpoints plus the best one by `selection_metric`."""
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [
+            ocp.checkpoint_managers.LatestN(n=keep),
+            ocp.checkpoint_managers.BestN(get_metric_fn=selection_metric, n=1),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=False,
+    )
+    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    return ocp.CheckpointManager(directory, item_names=("state", "meta"), options=options)
+
+
+def _state_tree(state: TrainState) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+        "opt_state": state.opt_state,
+        "rng": state.rng,
+    }
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -> None:
+    """Saves the state under its step number, with the latest epoch's metrics for best-checkpoint tracking."""
+    step = int(state.step)
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)),
+        metrics=meta["history"][-1],
+    )
+    manager.wait_until_finished()
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, target: TrainState | None):
+    abstract = None
+    if target is not None:
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_tree(target))
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    )
+    return restored["state"], restored["meta"]
+
+
+def restore_latest(workdir: str, manager: ocp.CheckpointManager, target: TrainState):
+    """(state, meta) from the newest readable checkpoint, or None when there is none.
+
+    A checkpoint that fails to restore is moved aside to `checkpoints-corrupt/` (never deleted) with a warning,
+    and the previous one is tried: the run continues from the last good epoch instead of crashing or silently
+    starting over.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            tree, meta = _restore_step(manager, step, target)
+        except Exception as error:  # noqa: BLE001 -- any failure to read means this checkpoint is unusable.
+            _quarantine(workdir, manager, step, error)
+            continue
+        state = target.replace(
+            step=tree["step"],
+            params=tree["params"],
+            batch_stats=tree["batch_stats"],
+            opt_state=tree["opt_state"],
+            rng=tree["rng"],
+        )
+        return state, meta
+    return None
+
+
+def _quarantine(workdir: str, manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+    source = os.path.join(workdir, CHECKPOINT_DIR, str(step))
+    destination = os.path.join(workdir, QUARANTINE_DIR, f"{step}-{int(time.time())}")
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    shutil.move(source, destination)
+    manager.reload()
+    reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    print(f"warning: checkpoint {step} is unreadable ({reason}); moved to {destination}", file=sys.stderr)
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The JSON half of a checkpoint, without reading its arrays."""
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def resolve_step(manager: ocp.CheckpointManager, which: str) -> int:
+    """'latest', 'best' (by `selection_metric` over the checkpoints on disk) or an explicit step number."""
+    steps = manager.all_steps()
+    if not steps:
+        raise UserError(f"no checkpoints in {manager.directory}")
+    if which == "latest":
+        return max(steps)
+    if which == "best":
+        history = read_meta(manager, max(steps))["history"]
+        scored = [(selection_metric(entry), entry["step"]) for entry in history if entry.get("step") in steps]
+        return max(scored)[1] if scored else max(steps)
+    if which.isdigit() and int(which) in steps:
+        return int(which)
+    raise UserError(f"--checkpoint must be best, latest or one of the saved steps {sorted(steps)}, got {which!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredModel:
+    """A trained model ready for inference: `module.apply(variables, uint8_images)` gives logits."""
+
+    module: nn.Module
+    variables: dict[str, Any]
+    config: Config
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, ...]
+    step: int
+    meta: dict[str, Any]
+
+
+def restore_model(workdir: str, checkpoint: str = "best") -> RestoredModel:
+    """Restores the model (module, variables, config) of a workdir's checkpoint for evaluation or prediction."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise UserError(f"no checkpoints found: {directory} does not exist (train with --workdir {workdir} first)")
+    manager = open_manager(workdir, read_only=True)
+    step = resolve_step(manager, checkpoint)
+    try:
+        tree, meta = _restore_step(manager, step, target=None)
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"checkpoint {step} in {directory} is unreadable: {str(error).splitlines()[0][:200]}")
+    config = Config.from_dict(meta["config"])
+    module = build_model(config, len(meta["class_names"]), meta["mean"], meta["std"])
+    variables = {"params": tree["params"]}
+    if tree.get("batch_stats"):
+        variables["batch_stats"] = tree["batch_stats"]
+    return RestoredModel(
+        module=module,
+        variables=variables,
+        config=config,
+        class_names=tuple(meta["class_names"]),
+        image_shape=tuple(meta["image_shape"]),
+        step=step,
+        meta=meta,
+    )

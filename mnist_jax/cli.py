@@ -1,0 +1,88 @@
+"""Command-line plumbing shared by the tools: config flags from the Config fields, and the error contract.
+
+Every tool's `main` runs inside `run_cli`, which turns a `UserError` into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any, Callable
+
+from mnist_jax.config import Config, UserError
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field (--learning-rate for learning_rate), with the field's help and default."""
+    group = parser.add_argument_group("hyperparameters (stored in DIR/config.json)")
+    for field in dataclasses.fields(Config):
+        default = field.default
+        kind: Callable[[str], Any]
+        if isinstance(default, bool):
+            kind = _bool
+        elif isinstance(default, tuple):
+            kind = _int_tuple
+        else:
+            kind = type(default)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        group.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=kind,
+            default=None,
+            metavar=field.name.upper(),
+            help=f"{field.metadata['help']} (default: {shown})",
+        )
+
+
+def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """The base config (default: Config()) with every flag the user gave applied on top."""
+    base = base or Config()
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    return dataclasses.replace(base, **given)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2 without the usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def quiet_libraries() -> None:
+    """TensorFlow, tfds and Orbax log warnings meant for their own developers; our users get our messages."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Runs a tool's main with the project's error contract, then exits with its status."""
+    quiet_libraries()
+    try:
+        status = main(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(status or 0)

@@ -1,0 +1,145 @@
+"""Data: a tfds image-classification dataset, held on the device as uint8, batched there.
+
+MNIST is 47 MB as uint8, so each split lives on the accelerator for the whole run. Batches are gathered on the
+device from a per-epoch permutation drawn from an explicit PRNG key, and normalised inside the jitted step, so
+the host never sits in the input path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mnist_jax.config import UserError
+
+# tfds fetches datasets from this host (its GCS mirror) first. Probing it takes milliseconds, whereas
+# tfds's own download retries for minutes before it fails when there is no network.
+_DOWNLOAD_PROBE = ("storage.googleapis.com", 443)
+
+
+class Split(NamedTuple):
+    """One split on the device: uint8 images (N, H, W, C) and int32 labels (N,)."""
+
+    images: jax.Array
+    labels: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Both splits plus what the model and the plots need to know about them."""
+
+    name: str
+    train: Split
+    test: Split
+    class_names: tuple[str, ...]
+    mean: float  # pixel statistics of the training split, in [0, 1] units
+    std: float
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.images.shape[1:])
+
+
+def resolve_data_dir(data_dir: str | None) -> str | None:
+    """--data-dir, else $TFDS_DATA_DIR, else None (tfds's default, ~/tensorflow_datasets)."""
+    return data_dir or os.environ.get("TFDS_DATA_DIR") or None
+
+
+def network_available(timeout: float = 3.0) -> bool:
+    """True when tfds's download host answers; MNIST_JAX_OFFLINE=1 forces False."""
+    if os.environ.get("MNIST_JAX_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection(_DOWNLOAD_PROBE, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _builder(name: str, data_dir: str | None):
+    """A prepared tfds builder, preparing (downloading) it only when a network exists."""
+    import tensorflow_datasets as tfds  # Imported lazily: TensorFlow is slow to import.
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UserError(f"unknown dataset {name!r} (not a tfds dataset and not found in --data-dir {data_dir})")
+    if not builder.is_prepared():
+        if not network_available():
+            where = data_dir or "tfds's default data dir"
+            raise UserError(
+                f"dataset {name!r} is not prepared in {where} and there is no network to download it; "
+                "pass --data-dir pointing at a tfds data dir that holds it"
+            )
+        builder.download_and_prepare()
+    features = builder.info.features
+    if "image" not in features or "label" not in features or not hasattr(features["label"], "names"):
+        raise UserError(f"dataset {name!r} is not an image-classification dataset (needs 'image' and 'label')")
+    return builder
+
+
+def load_split_numpy(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """One split as host arrays (uint8 images, int32 labels), in the split's stored order."""
+    import tensorflow_datasets as tfds
+
+    builder = _builder(name, data_dir)
+    if split.split("[")[0] not in builder.info.splits:
+        raise UserError(f"dataset {name!r} has no split {split!r}; it has: {', '.join(builder.info.splits)}")
+    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+    images = arrays["image"]
+    if images.ndim == 3:
+        images = images[..., None]
+    return images.astype(np.uint8), arrays["label"].astype(np.int32)
+
+
+def class_names(name: str, data_dir: str | None) -> tuple[str, ...]:
+    """The label names tfds records for the dataset."""
+    return tuple(_builder(name, data_dir).info.features["label"].names)
+
+
+def load_dataset(name: str, data_dir: str | None, sharding: jax.sharding.Sharding | None = None) -> Dataset:
+    """Loads train and test splits onto the device(s) given by `sharding` (default: the first device)."""
+    data_dir = resolve_data_dir(data_dir)
+    train_images, train_labels = load_split_numpy(name, "train", data_dir)
+    test_images, test_labels = load_split_numpy(name, "test", data_dir)
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise UserError(f"dataset {name!r}: train and test images differ in shape")
+    scaled = train_images.astype(np.float64) / 255.0
+    put = lambda x: jax.device_put(x, sharding)  # noqa: E731
+    return Dataset(
+        name=name,
+        train=Split(put(train_images), put(train_labels)),
+        test=Split(put(test_images), put(test_labels)),
+        class_names=class_names(name, data_dir),
+        mean=float(scaled.mean()),
+        std=float(scaled.std()),
+    )
+
+
+def normalize(images: jax.Array, mean: float, std: float) -> jax.Array:
+    """uint8 pixels -> float32 with the training split's zero mean and unit variance."""
+    return (images.astype(jnp.float32) * (1.0 / 255.0) - mean) * (1.0 / std)
+
+
+def epoch_permutation(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
+    """Indices (steps, batch_size) of one shuffled epoch; the last partial batch is dropped."""
+    steps = num_examples // batch_size
+    return jax.random.permutation(key, num_examples)[: steps * batch_size].reshape(steps, batch_size)
+
+
+def eval_batches(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and validity masks covering every example exactly once, the last batch padded."""
+    steps = -(-num_examples // batch_size)
+    flat = np.arange(steps * batch_size)
+    mask = flat < num_examples
+    return np.where(mask, flat, 0).reshape(steps, batch_size), mask.reshape(steps, batch_size)

@@ -1,0 +1,123 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnist_jax import steps
+from mnist_jax.config import Config
+from mnist_jax.data import Split
+from mnist_jax.model import build_model
+from mnist_jax.optim import learning_rate_schedule, make_optimizer
+
+from conftest import make_tiny_images
+
+
+def fixed_batch(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    return {"image": jnp.asarray(make_tiny_images(labels, rng)), "label": jnp.asarray(labels, jnp.int32)}
+
+
+def new_state(config=Config(), steps_per_epoch=10, seed=0):
+    model = build_model(config, 10, 0.2, 0.3)
+    return steps.create_train_state(model, make_optimizer(config, steps_per_epoch), jax.random.PRNGKey(seed),
+                                    (28, 28, 1))
+
+
+def copy(tree):
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch():
+    state, batch = new_state(), fixed_batch()
+    losses = []
+    for _ in range(8):
+        state, metrics = steps.train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+    assert int(state.step) == 8
+
+
+def test_train_step_is_pure():
+    """Same state and batch in, bitwise the same state and metrics out; the input state is not consulted later."""
+    state, batch = new_state(), fixed_batch()
+    a_state, a_metrics = steps.train_step(copy(state), batch)
+    b_state, b_metrics = steps.train_step(copy(state), batch)
+    for x, y in zip(jax.tree_util.tree_leaves((a_state, a_metrics)), jax.tree_util.tree_leaves((b_state, b_metrics))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_train_step_donates_the_input_state():
+    state, batch = new_state(), fixed_batch()
+    params_leaf = jax.tree_util.tree_leaves(state.params)[0]
+    steps.train_step(state, batch)
+    assert params_leaf.is_deleted()
+
+
+def test_dropout_and_batch_norm_state_flow():
+    config = Config(batch_norm=True, dropout_rate=0.3)
+    state, batch = new_state(config), fixed_batch()
+    before = copy(state.batch_stats)
+    state, _ = steps.train_step(state, batch)
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), before, state.batch_stats)
+    assert all(jax.tree_util.tree_leaves(changed)), "training must update the running statistics"
+    frozen = copy(state.batch_stats)
+    steps.eval_step(state, batch, jnp.ones(32))
+    same = jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), frozen, state.batch_stats)
+    assert all(jax.tree_util.tree_leaves(same))
+
+
+def test_eval_step_counts_only_unmasked_examples():
+    state, batch = new_state(), fixed_batch()
+    mask = jnp.arange(32) < 20
+    full = steps.eval_step(state, batch, jnp.ones(32))
+    part = steps.eval_step(state, batch, mask)
+    logits = state.apply_fn(state.variables(), batch["image"][:20])
+    expected_loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:20, None], axis=1).sum()
+    assert int(part["count"]) == 20 and int(full["count"]) == 32
+    assert int(part["correct"]) == int(jnp.sum(jnp.argmax(logits, -1) == batch["label"][:20]))
+    np.testing.assert_allclose(float(part["loss"]), float(expected_loss), rtol=1e-5)
+
+
+def test_on_device_epoch_equals_per_step_loop():
+    """The accelerator path (one lax.scan per epoch) computes what the CPU path (a step per dispatch) does."""
+    rng = np.random.default_rng(1)
+    labels = np.arange(96) % 10
+    split = Split(jnp.asarray(make_tiny_images(labels, rng)), jnp.asarray(labels, jnp.int32))
+    permutation = jax.random.permutation(jax.random.PRNGKey(3), 96).reshape(3, 32)
+    looped = new_state()
+    per_step = []
+    for row in permutation:
+        looped, metrics = steps.train_step(looped, steps.take_batch(split, row))
+        per_step.append(float(metrics["loss"]))
+    scanned, metrics = steps.train_epoch_on_device(new_state(), split, permutation)
+    np.testing.assert_allclose(np.asarray(metrics["loss"]), per_step, rtol=1e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(looped.params), jax.tree_util.tree_leaves(scanned.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_path_choice_by_backend():
+    assert not steps.uses_on_device_epoch("cpu")
+    assert steps.uses_on_device_epoch("gpu") and steps.uses_on_device_epoch("tpu")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "warmup_cosine", "one_cycle"])
+def test_every_optimizer_and_schedule_trains(optimizer, schedule):
+    config = Config(optimizer=optimizer, schedule=schedule, learning_rate=0.01 if optimizer == "sgd" else 1e-3,
+                    epochs=2, warmup_epochs=0.5)
+    lr = learning_rate_schedule(config, steps_per_epoch=10)
+    values = np.array([float(lr(s)) for s in range(20)])
+    assert np.all(values >= 0) and values.max() <= config.learning_rate * (1 + 1e-6)
+    if schedule == "constant":
+        assert np.all(values == config.learning_rate)
+    else:
+        assert values[-1] < 0.2 * config.learning_rate  # every non-constant schedule anneals
+    if schedule in ("warmup_cosine", "one_cycle"):
+        assert values[0] < values[5]  # and warms up first
+    state, batch = new_state(config), fixed_batch()
+    first = None
+    for _ in range(6):
+        state, metrics = steps.train_step(state, batch)
+        first = float(metrics["loss"]) if first is None else first
+    assert float(metrics["loss"]) < first

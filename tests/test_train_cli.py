@@ -1,0 +1,192 @@
+"""The training command, run as a user runs it: `python -m mnist_jax.train` in a subprocess."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mnist_jax.checkpoint import restore_model
+
+from conftest import REPO, TINY_FLAGS, cli_env, run_module
+
+TIMING_FIELDS = {"train_images_per_second", "elapsed_seconds"}  # wall-clock facts, not results
+
+
+def train(workdir, data_dir, *flags):
+    return run_module("mnist_jax.train", "--workdir", workdir, "--data-dir", data_dir, *TINY_FLAGS, *flags)
+
+
+def read_jsonl(path):
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def results(history):
+    return [{k: v for k, v in entry.items() if k not in TIMING_FIELDS} for entry in history]
+
+
+def snapshot(workdir):
+    """Every file in a workdir with its bytes, to prove a failed command changed nothing."""
+    files = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                files[os.path.relpath(path, workdir)] = handle.read()
+    return files
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_data_dir):
+    workdir = tmp_path_factory.mktemp("run") / "w"
+    result = train(workdir, tiny_data_dir, "--epochs", "3", "--learning-rate", "0.003")
+    assert result.returncode == 0, result.stderr
+    return workdir, result
+
+
+def test_end_to_end_run_writes_every_file(finished_run):
+    workdir, result = finished_run
+    assert "epoch 3/3" in result.stdout and "final test accuracy" in result.stdout
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["dataset"] == "tiny_digits" and config["epochs"] == 3 and config["batch_size"] == 32
+    history = read_jsonl(workdir / "metrics.jsonl")
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["step"] for h in history] == [20, 40, 60]  # 640 examples / batch 32
+    for entry in history:
+        assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_images_per_second",
+                "elapsed_seconds"} <= set(entry)
+        assert 0 <= entry["train_accuracy"] <= 1 and 0 <= entry["test_accuracy"] <= 1
+    assert history[-1]["test_accuracy"] > 0.9  # the tiny task is easy; chance is 0.1
+    assert history[0]["elapsed_seconds"] < history[-1]["elapsed_seconds"]
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["20", "40", "60"]
+
+
+def test_rerun_of_a_finished_run_changes_nothing(finished_run, tiny_data_dir):
+    workdir, _ = finished_run
+    before = snapshot(workdir)
+    result = train(workdir, tiny_data_dir, "--epochs", "3", "--learning-rate", "0.003")
+    assert result.returncode == 0, result.stderr
+    assert "run complete" in result.stdout
+    assert snapshot(workdir) == before
+
+
+def test_restored_model_reproduces_the_logged_test_accuracy(finished_run, tiny_data_dir):
+    from mnist_jax.data import load_split_numpy
+
+    workdir, _ = finished_run
+    model = restore_model(str(workdir), "latest")
+    images, labels = load_split_numpy("tiny_digits", "test", str(tiny_data_dir))
+    predictions = np.argmax(np.asarray(model.module.apply(model.variables, images)), axis=-1)
+    logged = read_jsonl(workdir / "metrics.jsonl")[-1]["test_accuracy"]
+    assert np.mean(predictions == labels) == pytest.approx(logged, abs=1e-9)
+
+
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(finished_run, tiny_data_dir, tmp_path):
+    """kill -9 at two different moments, restart each time: same parameters bitwise, same metrics."""
+    reference_dir, _ = finished_run
+    workdir = tmp_path / "w"
+    command = [sys.executable, "-m", "mnist_jax.train", "--workdir", str(workdir), "--data-dir", str(tiny_data_dir),
+               *TINY_FLAGS, "--epochs", "3", "--learning-rate", "0.003"]
+    for lines_before_kill, extra_delay in ((1, 0.0), (2, 0.4)):
+        process = subprocess.Popen(command, env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        metrics = workdir / "metrics.jsonl"
+        while time.time() < deadline and process.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= lines_before_kill:
+                break
+            time.sleep(0.05)
+        time.sleep(extra_delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    result = subprocess.run(command, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout
+    assert results(read_jsonl(workdir / "metrics.jsonl")) == results(read_jsonl(reference_dir / "metrics.jsonl"))
+    resumed, reference = restore_model(str(workdir), "latest"), restore_model(str(reference_dir), "latest")
+    assert resumed.step == reference.step == 60
+    resumed_leaves, reference_leaves = (jax.tree_util.tree_leaves(m.variables) for m in (resumed, reference))
+    assert len(resumed_leaves) == len(reference_leaves) == 8
+    for a, b in zip(resumed_leaves, reference_leaves):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+BAD_FLAGS = [
+    (("--batch-size", "0"), "--batch-size must be a positive integer"),
+    (("--batch-size=-5",), "--batch-size must be a positive integer"),
+    # These two need the data to check, so against an existing run the settings mismatch is reported first.
+    (("--batch-size", "100000"), ("larger than the training split", "holds a run with other settings")),
+    (("--epochs", "0"), "--epochs must be a positive integer"),
+    (("--learning-rate", "0"), "--learning-rate must be > 0"),
+    (("--learning-rate=-1e-3",), "--learning-rate must be > 0"),
+    (("--optimizer", "rmsprop"), "unknown optimizer 'rmsprop'"),
+    (("--schedule", "step"), "unknown schedule 'step'"),
+    (("--dataset", "no_such_dataset"), ("unknown dataset 'no_such_dataset'", "holds a run with other settings")),
+    (("--epochs", "three"), "invalid int value"),
+    (("--devices", "64"), "--devices must be between 1 and"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=["_".join(f) for f, _ in BAD_FLAGS])
+def test_bad_input_is_one_line_exit_2_and_leaves_the_workdir_alone(finished_run, tiny_data_dir, flags, message):
+    workdir, _ = finished_run
+    before = snapshot(workdir)
+    # Against a fresh workdir (nothing may be created) and the finished one (nothing may change).
+    for target in (workdir.parent / f"fresh-{abs(hash(flags))}", workdir):
+        result = train(target, tiny_data_dir, *flags)
+        assert result.returncode == 2, result.stderr
+        messages = message if isinstance(message, tuple) else (message,)
+        assert any(m in result.stderr for m in messages), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (workdir.parent / f"fresh-{abs(hash(flags))}").exists()
+    assert snapshot(workdir) == before
+
+
+def test_missing_data_offline_names_data_dir(tmp_path):
+    result = run_module("mnist_jax.train", "--workdir", tmp_path / "w", "--data-dir", tmp_path / "empty")
+    assert result.returncode == 2
+    assert "--data-dir" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
+
+
+def test_resuming_with_another_architecture_or_dataset_is_refused(finished_run, tiny_data_dir):
+    workdir, _ = finished_run
+    before = snapshot(workdir)
+    for flags, field in ((("--conv-features", "16,32"), "conv_features"), (("--dataset", "mnist"), "dataset"),
+                         (("--learning-rate", "0.1"), "learning_rate")):
+        result = run_module("mnist_jax.train", "--workdir", workdir, "--data-dir", tiny_data_dir, *flags)
+        assert result.returncode == 2 and field in result.stderr and "new --workdir" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert snapshot(workdir) == before
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_finishes_identically(finished_run, tiny_data_dir, tmp_path):
+    import shutil
+
+    from test_checkpoint import corrupt
+
+    reference_dir, _ = finished_run
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_dir, workdir)
+    corrupt(workdir / "checkpoints" / "60")
+    result = train(workdir, tiny_data_dir, "--epochs", "3", "--learning-rate", "0.003")
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint 60 is unreadable" in result.stderr and "resumed from" in result.stdout
+    assert os.listdir(workdir / "checkpoints-corrupt")  # kept for inspection, not deleted
+    assert results(read_jsonl(workdir / "metrics.jsonl")) == results(read_jsonl(reference_dir / "metrics.jsonl"))
+
+
+def test_help_lists_every_hyperparameter():
+    result = run_module("mnist_jax.train", "--help")
+    assert result.returncode == 0
+    for flag in ("--workdir", "--dataset", "--data-dir", "--epochs", "--batch-size", "--learning-rate",
+                 "--optimizer", "--schedule", "--seed", "--devices"):
+        assert flag in result.stdout
