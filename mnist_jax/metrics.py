@@ -73,6 +73,11 @@ def _scores_from_confusion(matrix: jax.Array) -> dict[str, jax.Array]:
     }
 
 
+def _to_float(value: ArrayLike) -> float:
+    """A float32 result as the shortest decimal that round-trips to it: 0.9891, not 0.9890999794006348."""
+    return float(str(np.float32(value)))
+
+
 def classification_report(labels: ArrayLike, predictions: ArrayLike, num_classes: int) -> dict[str, Any]:
     """Accuracy, per-class and averaged precision/recall/F1 as plain Python types.
 
@@ -83,25 +88,25 @@ def classification_report(labels: ArrayLike, predictions: ArrayLike, num_classes
     per_class = [
         {
             "class": class_index,
-            "precision": float(scores["precision"][class_index]),
-            "recall": float(scores["recall"][class_index]),
-            "f1": float(scores["f1"][class_index]),
+            "precision": _to_float(scores["precision"][class_index]),
+            "recall": _to_float(scores["recall"][class_index]),
+            "f1": _to_float(scores["f1"][class_index]),
             "support": int(scores["support"][class_index]),
         }
         for class_index in range(num_classes)
     ]
     return {
-        "accuracy": float(scores["accuracy"]),
+        "accuracy": _to_float(scores["accuracy"]),
         "per_class": per_class,
         "macro_avg": {
-            "precision": float(scores["macro_precision"]),
-            "recall": float(scores["macro_recall"]),
-            "f1": float(scores["macro_f1"]),
+            "precision": _to_float(scores["macro_precision"]),
+            "recall": _to_float(scores["macro_recall"]),
+            "f1": _to_float(scores["macro_f1"]),
         },
         "weighted_avg": {
-            "precision": float(scores["weighted_precision"]),
-            "recall": float(scores["weighted_recall"]),
-            "f1": float(scores["weighted_f1"]),
+            "precision": _to_float(scores["weighted_precision"]),
+            "recall": _to_float(scores["weighted_recall"]),
+            "f1": _to_float(scores["weighted_f1"]),
         },
         "confusion_matrix": np.asarray(matrix).astype(int).tolist(),
     }

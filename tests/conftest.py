@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -48,9 +50,57 @@ def write_tiny_dataset(data_dir: Path, train: int = 640, test: int = 200, seed: 
     return data_dir
 
 
+def shared_path(tmp_path_factory, name: str) -> Path:
+    """A path every pytest-xdist worker of this session sees, so expensive fixtures are built once."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    return root / name
+
+
+@contextlib.contextmanager
+def built_once(path: Path):
+    """Holds an exclusive lock while a worker builds `path`; the others wait, then reuse it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield not (path / ".done").exists()
+        path.mkdir(parents=True, exist_ok=True)
+        (path / ".done").touch()
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
-    return write_tiny_dataset(tmp_path_factory.mktemp("tfds"))
+    path = shared_path(tmp_path_factory, "tiny-tfds")
+    with built_once(path) as needed:
+        if needed:
+            write_tiny_dataset(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data_dir) -> Path:
+    """A finished 3-epoch training workdir on tiny_digits (train it once per test session)."""
+    path = shared_path(tmp_path_factory, "tiny-run")
+    with built_once(path) as needed:
+        if needed:
+            result = run_module("mnist_jax.train", "--workdir", path, "--data-dir", tiny_data_dir, *TINY_FLAGS,
+                                "--epochs", "3", "--learning-rate", "0.003")
+            assert result.returncode == 0, result.stderr
+            Path(f"{path}.stdout").write_text(result.stdout)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_run(tmp_path_factory, shared_data_dir) -> Path:
+    """The default model trained for one epoch on the real MNIST (~99% test accuracy), once per session."""
+    path = shared_path(tmp_path_factory, "mnist-run")
+    with built_once(path) as needed:
+        if needed:
+            result = run_module("mnist_jax.train", "--workdir", path, "--data-dir", shared_data_dir, "--epochs", "1",
+                                "--no-progress", timeout=600)
+            assert result.returncode == 0, result.stderr
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -43,16 +44,14 @@ def snapshot(workdir):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_data_dir):
-    workdir = tmp_path_factory.mktemp("run") / "w"
-    result = train(workdir, tiny_data_dir, "--epochs", "3", "--learning-rate", "0.003")
-    assert result.returncode == 0, result.stderr
-    return workdir, result
+def finished_run(tiny_run):
+    """The shared tiny run (3 epochs, lr 0.003) and what its training command printed."""
+    return tiny_run, Path(f"{tiny_run}.stdout").read_text()
 
 
 def test_end_to_end_run_writes_every_file(finished_run):
-    workdir, result = finished_run
-    assert "epoch 3/3" in result.stdout and "final test accuracy" in result.stdout
+    workdir, stdout = finished_run
+    assert "epoch 3/3" in stdout and "final test accuracy" in stdout
     config = json.loads((workdir / "config.json").read_text())
     assert config["dataset"] == "tiny_digits" and config["epochs"] == 3 and config["batch_size"] == 32
     history = read_jsonl(workdir / "metrics.jsonl")
@@ -66,6 +65,7 @@ def test_end_to_end_run_writes_every_file(finished_run):
     assert history[0]["elapsed_seconds"] < history[-1]["elapsed_seconds"]
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(os.listdir(workdir / "checkpoints")) == ["20", "40", "60"]
+    assert not [name for name in os.listdir(workdir) if name.startswith(".tmp")]  # atomic writes left no debris
 
 
 def test_rerun_of_a_finished_run_changes_nothing(finished_run, tiny_data_dir):

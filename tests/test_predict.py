@@ -1,0 +1,71 @@
+"""`python -m mnist_jax.predict` on image files, as a user has them."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnist_jax.data import load_split_numpy
+from mnist_jax.predict import format_result, predict_files
+
+from conftest import run_module
+
+
+def save_forms(image: np.ndarray, directory, stem: str) -> list[str]:
+    """One 28x28 light-on-dark digit as a user might have it: as is, black on white JPEG, RGBA, and enlarged."""
+    gray = image[..., 0]
+    paths = [directory / f"{stem}.png", directory / f"{stem}-inverted.jpg", directory / f"{stem}-rgba.png",
+             directory / f"{stem}-large.png"]
+    Image.fromarray(gray).save(paths[0])
+    Image.fromarray(255 - gray).save(paths[1], quality=95)
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[..., 3] = gray  # white ink whose opacity is the digit, on a transparent canvas
+    Image.fromarray(rgba, "RGBA").save(paths[2])
+    Image.fromarray(255 - gray).resize((280, 280), Image.Resampling.BILINEAR).convert("RGB").save(paths[3])
+    return [str(p) for p in paths]
+
+
+def test_predict_cli_text_json_and_errors(tiny_run, tmp_path):
+    good = tmp_path / "digit.png"
+    Image.fromarray(np.pad(np.full((12, 6), 255, np.uint8), 8)).save(good)
+    (tmp_path / "notes.png").write_text("not an image")
+    missing = tmp_path / "missing.png"
+    result = run_module("mnist_jax.predict", "--workdir", tiny_run, good, tmp_path / "notes.png", missing, "--json")
+    assert result.returncode == 1  # some files failed; the others are still classified
+    entries = json.loads(result.stdout)
+    assert [e["file"] for e in entries] == [str(good), str(tmp_path / "notes.png"), str(missing)]
+    assert 0 <= entries[0]["prediction"] < 10 and len(entries[0]["probabilities"]) == 10
+    assert entries[0]["prediction"] == int(np.argmax(entries[0]["probabilities"]))
+    assert sum(entries[0]["probabilities"]) == pytest.approx(1, abs=1e-5)
+    assert "notes.png" in entries[1]["error"] and "missing.png" in entries[2]["error"]
+    text = run_module("mnist_jax.predict", "--workdir", tiny_run, good)
+    assert text.returncode == 0 and "top 3:" in text.stdout and text.stdout.startswith(str(good))
+
+
+def test_predict_missing_workdir(tmp_path):
+    result = run_module("mnist_jax.predict", "--workdir", tmp_path / "none", tmp_path / "x.png")
+    assert result.returncode == 2 and "no checkpoints found" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_format_result_ranks_the_top_three():
+    line = format_result({"file": "a.png", "prediction": 3, "probabilities": [0.1, 0, 0.2, 0.6, 0.1] + [0] * 5})
+    assert line == "a.png: 3 (60.0%)   top 3: 3 60.0%, 2 20.0%, 0 10.0%"
+
+
+@pytest.mark.slow
+def test_predict_on_real_mnist_files_agrees_with_the_model(mnist_run, shared_data_dir, tmp_path):
+    """Real test digits saved as files in four forms are classified about as well as evaluate's accuracy."""
+    images, labels = load_split_numpy("mnist", "test", str(shared_data_dir))
+    count = 200
+    paths, expected = [], []
+    for i in range(count):
+        forms = save_forms(images[i], tmp_path, f"d{i}")
+        paths += forms
+        expected += [labels[i]] * len(forms)
+    results = predict_files(str(mnist_run), paths)
+    predicted = np.array([r["prediction"] for r in results])
+    accuracy_by_form = (predicted == np.array(expected)).reshape(count, 4).mean(axis=0)
+    assert np.all(accuracy_by_form >= 0.95), accuracy_by_form
