@@ -32,6 +32,7 @@ class Config:
     dense_features: tuple[int, ...] = _field((256,), "widths of the hidden dense layers, comma-separated")
     dropout_rate: float = _field(0.0, "dropout after each hidden dense layer (0 disables)")
     batch_norm: bool = _field(False, "batch norm after every conv and hidden dense layer")
+    dtype: str = _field("float32", "computation dtype, float32 or bfloat16 (parameters stay float32)")
     optimizer: str = _field("adamw", f"one of {', '.join(OPTIMIZERS)}")
     learning_rate: float = _field(3e-3, "peak learning rate of the schedule")
     schedule: str = _field("one_cycle", f"learning-rate schedule, one of {', '.join(SCHEDULES)}")
@@ -58,8 +59,7 @@ class Config:
         return cls(**fixed)
 
 
-# Fields that change the architecture or the data: a checkpoint cannot be restored into another value.
-ARCHITECTURE_FIELDS = ("dataset", "conv_features", "dense_features", "dropout_rate", "batch_norm")
+DTYPES = ("float32", "bfloat16")
 
 
 def validate(config: Config) -> None:
@@ -71,6 +71,8 @@ def validate(config: Config) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if not config.learning_rate > 0:
         raise UserError(f"--learning-rate must be > 0, got {config.learning_rate}")
+    if config.dtype not in DTYPES:
+        raise UserError(f"unknown dtype {config.dtype!r}; choose one of: {', '.join(DTYPES)}")
     if config.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {config.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
     if config.schedule not in SCHEDULES:

@@ -27,29 +27,30 @@ class CNN(nn.Module):
     dense_features: Sequence[int] = (256,)
     dropout_rate: float = 0.0
     batch_norm: bool = False
+    dtype: str = "float32"  # computation dtype; parameters are float32 either way
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         """uint8 images (B, H, W, C) -> logits (B, num_classes)."""
-        x = normalize(images, self.mean, self.std)
+        x = normalize(images, self.mean, self.std).astype(self.dtype)
         for width in self.conv_features:
-            x = nn.Conv(width, kernel_size=(3, 3))(x)
+            x = nn.Conv(width, kernel_size=(3, 3), dtype=self.dtype)(x)
             x = self._maybe_batch_norm(x, train)
             x = nn.relu(x)
             x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         for width in self.dense_features:
-            x = nn.Dense(width)(x)
+            x = nn.Dense(width, dtype=self.dtype)(x)
             x = self._maybe_batch_norm(x, train)
             x = nn.relu(x)
             if self.dropout_rate > 0:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
     def _maybe_batch_norm(self, x: jax.Array, train: bool) -> jax.Array:
         if not self.batch_norm:
             return x
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
 
 
 def build_model(config: Config, num_classes: int, mean: float, std: float) -> CNN:
@@ -62,6 +63,7 @@ def build_model(config: Config, num_classes: int, mean: float, std: float) -> CN
         dense_features=tuple(config.dense_features),
         dropout_rate=config.dropout_rate,
         batch_norm=config.batch_norm,
+        dtype=config.dtype,
     )
 
 

@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mnist_jax.config import UserError
+
+
+def initialize_distributed() -> bool:
+    """Joins a multi-host run when the environment describes one; returns whether it did.
+
+    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID describe the cluster
+    explicitly; under SLURM or Open MPI, jax.distributed.initialize() reads them from the scheduler. After this,
+    jax.devices() spans every host and the mesh below covers them all.
+    """
+    explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
+    scheduled = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    if not (explicit or scheduled):
+        return False
+    if explicit:
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+            process_id=int(os.environ.get("JAX_PROCESS_ID", "0")),
+        )
+    else:
+        jax.distributed.initialize()
+    return True
+
+
+def is_primary_process() -> bool:
+    """Only process 0 writes the workdir's files (Orbax coordinates checkpoints across processes itself)."""
+    return jax.process_index() == 0
 
 
 def make_mesh(num_devices: int | None) -> Mesh:

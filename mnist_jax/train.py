@@ -95,7 +95,9 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
     init_key, shuffle_key = jax.random.split(jax.random.PRNGKey(config.seed))
     state = steps.create_train_state(model, tx, init_key, dataset.image_shape)
 
-    workdir.write_config(options.workdir, config)
+    primary = sharding.is_primary_process()
+    if primary:
+        workdir.write_config(options.workdir, config)
     manager = checkpoint.open_manager(options.workdir, keep=config.keep_checkpoints)
     history: list[dict[str, Any]] = []
     restored = checkpoint.restore_latest(options.workdir, manager, state)
@@ -103,7 +105,8 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
         state, meta = restored
         history = meta["history"]
         print(f"resumed from {options.workdir} at epoch {meta['epoch']} (step {int(state.step)})", flush=True)
-    workdir.write_metrics(options.workdir, history)  # Drops any line written after the last checkpoint.
+    if primary:
+        workdir.write_metrics(options.workdir, history)  # Drops any line written after the last checkpoint.
     if len(history) >= config.epochs:
         print(f"run complete: {config.epochs} epochs already trained in {options.workdir}", flush=True)
         return history
@@ -146,10 +149,11 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
         }
         history.append(entry)
         checkpoint.save(manager, state, {**meta_base, "epoch": epoch, "history": history})
-        workdir.write_metrics(options.workdir, history)
-        if options.plots:
-            _plot_curves(options.workdir, history)
-        _log_epoch(entry, config.epochs)
+        if primary:
+            workdir.write_metrics(options.workdir, history)
+            if options.plots:
+                _plot_curves(options.workdir, history)
+            _log_epoch(entry, config.epochs)
     manager.close()
     return history
 
@@ -185,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     args = parse_args(argv)
     given = {f.name for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    if sharding.initialize_distributed():
+        print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices", flush=True)
     requested = config_from_args(args)
     validate(requested)  # Bad values are reported as such, even when the workdir holds another run.
     config = resolve_config(args.workdir, requested, given)

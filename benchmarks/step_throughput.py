@@ -1,0 +1,215 @@
+"""Step throughput (images/s) of every training path, against the Flax example's loop, on the backend JAX finds.
+
+    python benchmarks/step_throughput.py                      # batch 32, 128, 512; float32; a table
+    python benchmarks/step_throughput.py --batch-sizes 128 --dtypes float32 bfloat16 --json
+
+Each figure is the median of several timed windows after warm-up, every window ended by block_until_ready.
+Compile time is the first call's time minus a steady-state call's. Paths measured:
+
+- reference: the Flax MNIST example's loop: jit(value_and_grad) and a separate jit(apply_gradients), a Python
+  loop on the host, batches taken by indexing device arrays of pre-normalised float32 images.
+- per_step: what `python -m mnist_jax.train` runs on CPU: uint8 data on device, a jitted gather, and
+  `steps.train_step` (grad and optax update in one jit, state donated).
+- on_device_epoch: what it runs on GPU/TPU: `steps.train_epoch_on_device`, a `lax.scan` over the epoch's steps.
+- data_parallel: per_step with each batch split over every local device (only when there are several).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from mnist_jax import sharding, steps
+from mnist_jax.config import Config
+from mnist_jax.data import Split
+from mnist_jax.model import build_model
+from mnist_jax.optim import make_optimizer
+
+MEAN, STD = 0.1307, 0.3081
+NUM_EXAMPLES = 8192  # synthetic MNIST-shaped data: throughput does not depend on pixel values
+
+
+def synthetic_split(num: int, seed: int = 0) -> Split:
+    rng = np.random.default_rng(seed)
+    return Split(jnp.asarray(rng.integers(0, 256, (num, 28, 28, 1), dtype=np.uint8)),
+                 jnp.asarray(rng.integers(0, 10, num, dtype=np.int32)))
+
+
+def _time_windows(run_window: Callable[[], object], windows: int) -> list[float]:
+    times = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        jax.block_until_ready(run_window())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# ---------------------------------------------------------------------------------------------- reference
+def reference_paths(config: Config, split: Split, batch_size: int):
+    """The Flax example's training loop, written the way that example writes it."""
+    model = build_model(config, 10, 0.0, 1.0)  # fed pre-normalised floats below, as the example does
+
+    @jax.jit
+    def apply_model(state, images, labels):
+        def loss_fn(params):
+            logits = state.apply_fn({"params": params}, images)
+            one_hot = jax.nn.one_hot(labels, 10)
+            return jnp.mean(optax.softmax_cross_entropy(logits=logits, labels=one_hot)), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return grads, loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+
+    @jax.jit
+    def update_model(state, grads):
+        return state.apply_gradients(grads=grads)
+
+    @jax.jit
+    def eval_logits(params, images):
+        return model.apply({"params": params}, images)
+
+    images = (split.images.astype(jnp.float32) / 255.0 - MEAN) / STD  # the example normalises once, up front
+    params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
+    state = train_state.TrainState.create(apply_fn=lambda v, x: model.apply(v, x), params=params,
+                                          tx=optax.sgd(0.1, 0.9))
+    holder = {"state": state}
+
+    def train_steps(indices):
+        state = holder["state"]
+        for idx in indices:
+            grads, loss, _ = apply_model(state, images[idx], split.labels[idx])
+            state = update_model(state, grads)
+        holder["state"] = state
+        return state.params
+
+    def eval_steps(indices):
+        return [eval_logits(holder["state"].params, images[idx]) for idx in indices]
+
+    return train_steps, eval_steps
+
+
+# ---------------------------------------------------------------------------------------------- ours
+def project_paths(config: Config, split: Split, batch_size: int, mesh):
+    model = build_model(config, 10, MEAN, STD)
+    state = steps.create_train_state(model, make_optimizer(config, NUM_EXAMPLES // batch_size),
+                                     jax.random.PRNGKey(0), (28, 28, 1))
+    replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    split = jax.device_put(split, replicated)
+    holder = {"state": jax.device_put(state, replicated)}
+    take = jax.jit(steps.take_batch, out_shardings=batch_sharded)
+    ones = jax.device_put(jnp.ones(batch_size), batch_sharded)
+
+    def per_step(indices):
+        state = holder["state"]
+        for idx in indices:
+            state, metrics = steps.train_step(state, take(split, idx))
+        holder["state"] = state
+        return metrics
+
+    def on_device_epoch(indices):
+        holder["state"], metrics = steps.train_epoch_on_device(holder["state"], split, jnp.stack(indices))
+        return metrics
+
+    def eval_steps(indices):
+        return [steps.eval_step(holder["state"], take(split, idx), ones) for idx in indices]
+
+    return per_step, on_device_epoch, eval_steps
+
+
+def measure(train_fn, eval_fn, index_batches, windows: int, batch_size: int) -> dict[str, float]:
+    """Compile (first window) then median images/s over `windows` timed windows, train and eval."""
+    first = _time_windows(lambda: train_fn(index_batches[:1]), 1)[0]
+    steady = statistics.median(_time_windows(lambda: train_fn(index_batches[:1]), 3))
+    train_times = _time_windows(lambda: train_fn(index_batches), windows)
+    eval_fn(index_batches[:1])
+    eval_times = _time_windows(lambda: eval_fn(index_batches), windows)
+    images = len(index_batches) * batch_size
+    return {
+        "train_images_per_second": images / statistics.median(train_times),
+        "eval_images_per_second": images / statistics.median(eval_times),
+        "compile_seconds": max(first - steady, 0.0),
+    }
+
+
+def run(batch_sizes, dtypes, steps_per_window: int, windows: int, implementations) -> list[dict]:
+    device = jax.devices()[0]
+    rows = []
+    split = synthetic_split(NUM_EXAMPLES)
+    for dtype in dtypes:
+        for batch_size in batch_sizes:
+            config = Config(batch_size=batch_size, dtype=dtype, optimizer="sgd", learning_rate=0.1,
+                            schedule="constant")
+            rng = np.random.default_rng(batch_size)
+            index_batches = [jnp.asarray(rng.integers(0, NUM_EXAMPLES, batch_size, dtype=np.int32))
+                             for _ in range(steps_per_window)]
+            results = {}
+            if "reference" in implementations:
+                train_fn, eval_fn = reference_paths(dataclasses.replace(config, dtype="float32"), split, batch_size)
+                results["reference"] = measure(train_fn, eval_fn, index_batches, windows, batch_size)
+            per_step, on_device, eval_fn = project_paths(config, split, batch_size, sharding.make_mesh(1))
+            if "per_step" in implementations:
+                results["per_step"] = measure(per_step, eval_fn, index_batches, windows, batch_size)
+            if "on_device_epoch" in implementations:
+                results["on_device_epoch"] = measure(on_device, eval_fn, index_batches, windows, batch_size)
+            if "data_parallel" in implementations and jax.device_count() > 1 and batch_size % jax.device_count() == 0:
+                parallel, _, eval_parallel = project_paths(config, split, batch_size, sharding.make_mesh(None))
+                results[f"data_parallel_x{jax.device_count()}"] = measure(parallel, eval_parallel, index_batches,
+                                                                          windows, batch_size)
+            reference = results.get("reference", {}).get("train_images_per_second")
+            for name, figures in results.items():
+                rows.append({
+                    "implementation": name, "batch_size": batch_size,
+                    "dtype": "float32" if name == "reference" else dtype, **figures,
+                    "backend": jax.default_backend(), "device_kind": device.device_kind,
+                    "speedup_vs_reference": figures["train_images_per_second"] / reference if reference else None,
+                })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'implementation':<20} {'batch':>5} {'dtype':>8} {'train img/s':>12} {'eval img/s':>12} " \
+             f"{'compile s':>9} {'vs ref':>7}"
+    lines = [f"backend {rows[0]['backend']} ({rows[0]['device_kind']})", header, "-" * len(header)]
+    for r in rows:
+        speedup = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-"
+        lines.append(f"{r['implementation']:<20} {r['batch_size']:>5} {r['dtype']:>8} "
+                     f"{r['train_images_per_second']:>12,.0f} {r['eval_images_per_second']:>12,.0f} "
+                     f"{r['compile_seconds']:>9.2f} {speedup:>7}")
+    return "\n".join(lines)
+
+
+IMPLEMENTATIONS = ("reference", "per_step", "on_device_epoch", "data_parallel")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed window")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
+    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    args = parser.parse_args(argv)
+    if min(args.batch_sizes) <= 0 or args.steps <= 0 or args.windows <= 0:
+        parser.error("batch sizes, --steps and --windows must be positive")
+    rows = run(args.batch_sizes, args.dtypes, args.steps, args.windows, args.implementations)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
