@@ -11,7 +11,8 @@ Compile time is the first call's time minus a steady-state call's. Paths measure
 - per_step: what `python -m mnist_jax.train` runs on CPU: uint8 data on device, a jitted gather, and
   `steps.train_step` (grad and optax update in one jit, state donated).
 - on_device_epoch: what it runs on GPU/TPU: `steps.train_epoch_on_device`, a `lax.scan` over the epoch's steps.
-- data_parallel: per_step with each batch split over every local device (only when there are several).
+- data_parallel_xN: per_step with each batch split over N devices (only when there are several). On CPU,
+  `python -m mnist_jax.train` makes one device per core, so this is what it runs there.
 """
 
 from __future__ import annotations
@@ -109,10 +110,17 @@ def project_paths(config: Config, split: Split, batch_size: int, mesh):
     take = jax.jit(steps.take_batch, out_shardings=batch_sharded)
     ones = jax.device_put(jnp.ones(batch_size), batch_sharded)
 
+    compiled = {}
+    lockstep = sharding.needs_lockstep(mesh)  # as train.py: several CPU devices must not queue collectives
+
     def per_step(indices):
         state = holder["state"]
+        if "train" not in compiled:  # exactly as train.py does: compiled with the backend's XLA options
+            compiled["train"] = steps.compile_for_backend(steps.train_step, state, take(split, indices[0]))
         for idx in indices:
-            state, metrics = steps.train_step(state, take(split, idx))
+            state, metrics = compiled["train"](state, take(split, idx))
+            if lockstep:
+                jax.block_until_ready(metrics)
         holder["state"] = state
         return metrics
 
@@ -121,7 +129,15 @@ def project_paths(config: Config, split: Split, batch_size: int, mesh):
         return metrics
 
     def eval_steps(indices):
-        return [steps.eval_step(holder["state"], take(split, idx), ones) for idx in indices]
+        if "eval" not in compiled:
+            compiled["eval"] = steps.compile_for_backend(steps.eval_step, holder["state"], take(split, indices[0]),
+                                                         ones)
+        outputs = []
+        for idx in indices:
+            outputs.append(compiled["eval"](holder["state"], take(split, idx), ones))
+            if lockstep:
+                jax.block_until_ready(outputs[-1])
+        return outputs
 
     return per_step, on_device_epoch, eval_steps
 
@@ -162,7 +178,7 @@ def run(batch_sizes, dtypes, steps_per_window: int, windows: int, implementation
             if "on_device_epoch" in implementations:
                 results["on_device_epoch"] = measure(on_device, eval_fn, index_batches, windows, batch_size)
             if "data_parallel" in implementations and jax.device_count() > 1 and batch_size % jax.device_count() == 0:
-                parallel, _, eval_parallel = project_paths(config, split, batch_size, sharding.make_mesh(None))
+                parallel, _, eval_parallel = project_paths(config, split, batch_size, sharding.make_mesh(None, batch_size))
                 results[f"data_parallel_x{jax.device_count()}"] = measure(parallel, eval_parallel, index_batches,
                                                                           windows, batch_size)
             reference = results.get("reference", {}).get("train_images_per_second")
@@ -199,7 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    parser.add_argument("--cpu-devices", type=int, default=None,
+                        help="split the CPU into this many JAX devices (to measure data_parallel on one machine)")
     args = parser.parse_args(argv)
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    else:
+        sharding.use_every_cpu_core()  # as `python -m mnist_jax.train` does
     if min(args.batch_sizes) <= 0 or args.steps <= 0 or args.windows <= 0:
         parser.error("batch sizes, --steps and --windows must be positive")
     rows = run(args.batch_sizes, args.dtypes, args.steps, args.windows, args.implementations)

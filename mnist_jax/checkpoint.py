@@ -60,12 +60,20 @@ def _state_tree(state: TrainState) -> dict[str, Any]:
     }
 
 
+def has_checkpoints(workdir: str) -> bool:
+    """Whether the workdir holds any saved step (read from the directory listing: nothing is created)."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -> None:
     """Saves the state under its step number, with the latest epoch's metrics for best-checkpoint tracking."""
     step = int(state.step)
+    # Saved as host arrays, without the device layout: a run trained on two devices restores on one, and back.
+    tree = jax.device_get(_state_tree(state))
     manager.save(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
         metrics=meta["history"][-1],
     )
     manager.wait_until_finished()

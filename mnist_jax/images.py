@@ -8,6 +8,7 @@ centre of mass sits at the centre of a 28x28 frame.
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -20,6 +21,7 @@ LIGHT_BACKGROUND_THRESHOLD = 127.0
 INK_FRACTION_OF_MAX = 0.1  # pixels fainter than this (relative to the strongest ink) don't extend the crop
 MIN_INK_CONTRAST = 10.0  # below this (on 0..255) the image is treated as blank
 SIXTEEN_BIT_TO_EIGHT_BIT = 255.0 / 65535.0
+MAX_PIXELS = 50_000_000  # larger images are refused before decoding: they would take seconds and gigabytes
 
 
 class ImageError(ValueError):
@@ -53,6 +55,8 @@ def _flatten_transparency(rgba: Image.Image) -> Image.Image:
     pen on a transparent canvas) goes over white; light ink goes over black,
     so a white stroke on a transparent canvas does not vanish into white.
     """
+    if rgba.getchannel("A").getextrema() == (255, 255):
+        return rgba  # fully opaque (e.g. a browser canvas export): nothing to flatten
     alpha = np.asarray(rgba.getchannel("A"), dtype=np.float64)
     luminance = np.asarray(rgba.convert("L"), dtype=np.float64)
     visible_weight = alpha.sum()
@@ -62,28 +66,47 @@ def _flatten_transparency(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba)
 
 
-def load_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as float32 grayscale in [0, 255].
+def load_image_bytes(data: bytes, name: str = "<upload>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode an encoded image (PNG, JPEG, ...) to float32 grayscale in [0, 255].
 
-    Transparent pixels become background (white behind dark strokes, black
-    behind light ones); ``to_mnist`` then decides the polarity from the border.
+    The one decoder behind files and uploads, so the CLI and the server see the
+    same pixels. Transparent pixels become background (white behind dark
+    strokes, black behind light ones); ``to_mnist`` then decides the polarity
+    from the border. Images over ``max_pixels`` are refused before decoding.
     """
+    if not data:
+        raise ImageError("empty file: no image data", name)
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"image too large ({width}x{height} pixels; at most {max_pixels} allowed)", name)
             image.load()
             upright = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF
             gray = _to_grayscale_array(upright)
+    except UnidentifiedImageError:
+        raise ImageError("not a recognised image format (expected PNG or JPEG)", name) from None
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+        raise ImageError(f"unreadable image ({error})", name) from None
+    if gray.ndim != 2 or gray.size == 0:
+        raise ImageError("image has no pixels", name)
+    return gray
+
+
+def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as float32 grayscale in [0, 255] (see ``load_image_bytes``)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
     except FileNotFoundError:
         raise ImageError("file not found", path) from None
     except IsADirectoryError:
         raise ImageError("is a directory, not an image file", path) from None
-    except UnidentifiedImageError:
-        raise ImageError("not a recognised image format (expected PNG or JPEG)", path) from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ImageError(f"unreadable image ({error})", path) from None
-    if gray.ndim != 2 or gray.size == 0:
-        raise ImageError("image has no pixels", path)
-    return gray
+    except OSError as error:
+        raise ImageError(f"cannot read file ({error.strerror or error})", path) from None
+    return load_image_bytes(data, str(path))
 
 
 def _outer_frame(gray: np.ndarray) -> np.ndarray:
@@ -172,3 +195,11 @@ def preprocess_file(path: str | os.PathLike[str]) -> np.ndarray:
     except ImageError as error:
         raise ImageError(error.reason, path) from None
 
+
+def preprocess_bytes(data: bytes, name: str = "<upload>") -> np.ndarray:
+    """Decode an uploaded image and return the 28x28 uint8 MNIST-style digit it contains."""
+    gray = load_image_bytes(data, name)
+    try:
+        return to_mnist(gray)
+    except ImageError as error:
+        raise ImageError(error.reason, name) from None

@@ -100,6 +100,26 @@ def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
     return {"loss": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
+# XLA:CPU runs this model's convolutions single-threaded and leaves bias adds, pooling gradients and the optax
+# update as separate loops. Its YNNPACK library fusions fold those into the convolution and dot kernels and
+# run them multi-threaded: +35-40% train-step throughput on a 2-core CPU (README, "Performance").
+_CPU_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": ",".join(
+        f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("DOT", "ELTWISE", "REDUCE", "INDIVIDUAL_CONVOLUTION")
+    )
+}
+
+
+def compiler_options(backend: str) -> dict[str, str]:
+    """XLA options for the step functions, per backend (none needed on GPU/TPU)."""
+    return dict(_CPU_OPTIONS) if backend == "cpu" else {}
+
+
+def compile_for_backend(jitted: Any, *example_args: Any) -> Any:
+    """Ahead-of-time compiles a jitted step for these argument shapes with the backend's XLA options."""
+    return jitted.lower(*example_args).compile(compiler_options(jax.default_backend()))
+
+
 def uses_on_device_epoch(backend: str) -> bool:
     """Whether a whole-epoch scan beats per-step dispatch on this backend (it does not on CPU)."""
     return backend != "cpu"

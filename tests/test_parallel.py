@@ -74,8 +74,17 @@ def test_training_cli_on_two_devices_matches_one(tiny_data_dir, tmp_path):
 
 
 def test_batch_must_divide_over_devices(tiny_data_dir, tmp_path):
-    result = run(["--workdir", tmp_path / "w", "--data-dir", tiny_data_dir, *TINY_FLAGS, "--batch-size", "33"])
+    result = run(["--workdir", tmp_path / "w", "--data-dir", tiny_data_dir, *TINY_FLAGS, "--batch-size", "33",
+                  "--devices", "2"])
     assert result.returncode == 2 and "divisible by the number of devices (2)" in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_default_device_count_divides_the_batch(tiny_data_dir, tmp_path):
+    """Without --devices, an odd batch runs on as many devices as divide it (here one) instead of failing."""
+    result = run(["--workdir", tmp_path / "w", "--data-dir", tiny_data_dir, *TINY_FLAGS, "--batch-size", "33",
+                  "--epochs", "1"])
+    assert result.returncode == 0, result.stderr
 
 
 def free_port():
