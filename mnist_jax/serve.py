@@ -27,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from mnist_jax.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, MicroBatcher
 from mnist_jax.cli import ArgumentParser, run_cli
 from mnist_jax.config import UserError
 
@@ -34,8 +35,6 @@ STATIC_DIR = str(resources.files("mnist_jax") / "static")
 IMAGE_TYPES = ("image/png", "image/jpeg")
 JSON_TYPE = "application/json"
 MAX_UPLOAD_PIXELS = 16_000_000  # a decoded upload larger than this would stall a preprocessing thread
-DEFAULT_MAX_BATCH = 64
-DEFAULT_MAX_WAIT_S = 0.003
 
 
 class RequestError(Exception):
@@ -45,75 +44,6 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = " ".join(message.split())
-
-
-# --- micro-batching ------------------------------------------------------------------------------------------
-
-
-class MicroBatcher:
-    """Gathers concurrent single-image predictions into one batched call of `predict` in a worker thread.
-
-    One batch runs at a time. A request that arrives while the model is idle waits up to `max_wait_s` for
-    company; requests that arrive while a batch runs are taken together as soon as it finishes.
-    """
-
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int = DEFAULT_MAX_BATCH,
-                 max_wait_s: float = DEFAULT_MAX_WAIT_S) -> None:
-        self._predict = predict
-        self._max_batch = max_batch
-        self._max_wait_s = max_wait_s
-        self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
-
-    def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for _, future in self._pending:
-            if not future.done():
-                future.set_exception(RuntimeError("server is shutting down"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def predict(self, image: np.ndarray) -> tuple[np.ndarray, int]:
-        """Probabilities for one (28, 28) uint8 image, and the size of the batch it was predicted in."""
-        if self._task is None or self._task.done():
-            raise RuntimeError("the batcher is not running")
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((image, future))
-        self._wakeup.set()
-        return await future
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                if len(self._pending) < self._max_batch:
-                    await asyncio.sleep(self._max_wait_s)  # let concurrent requests join this batch
-            batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
-            batch = [(image, future) for image, future in batch if not future.cancelled()]
-            if not batch:
-                continue
-            try:
-                probabilities = await loop.run_in_executor(
-                    self._executor, self._predict, np.stack([image for image, _ in batch])
-                )
-            except Exception as error:  # noqa: BLE001 -- hand the failure to the waiting requests, keep serving.
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for row, (_, future) in zip(probabilities, batch):
-                if not future.done():
-                    future.set_result((row, len(batch)))
 
 
 # --- request parsing -----------------------------------------------------------------------------------------
