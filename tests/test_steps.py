@@ -121,3 +121,15 @@ def test_every_optimizer_and_schedule_trains(optimizer, schedule):
         state, metrics = steps.train_step(state, batch)
         first = float(metrics["loss"]) if first is None else first
     assert float(metrics["loss"]) < first
+
+
+def test_compiled_cpu_path_equals_the_plain_jitted_step():
+    """train.py's CPU path (AOT-compiled with YNNPACK fusions) computes the plain step, up to float rounding."""
+    batch, state = fixed_batch(), new_state()
+    plain, plain_metrics = steps.train_step(copy(state), batch)
+    compiled = steps.compile_for_backend(steps.train_step, state, batch)
+    fast, fast_metrics = compiled(copy(state), batch)
+    np.testing.assert_allclose(float(fast_metrics["loss"]), float(plain_metrics["loss"]), rtol=1e-6)
+    for x, y in zip(jax.tree_util.tree_leaves(plain.params), jax.tree_util.tree_leaves(fast.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    assert steps.compiler_options("cpu") and steps.compiler_options("gpu") == {}

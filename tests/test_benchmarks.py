@@ -1,0 +1,39 @@
+"""The benchmark scripts run and print what their READMEs promise (figures are not asserted: machines are noisy)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, cli_env
+
+FIELDS = {"implementation", "batch_size", "dtype", "train_images_per_second", "eval_images_per_second",
+          "compile_seconds", "backend", "device_kind", "speedup_vs_reference"}
+
+
+def test_step_throughput_json_on_a_tiny_run():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/step_throughput.py", "--batch-sizes", "8", "--steps", "2", "--windows", "1",
+         "--cpu-devices", "2", "--implementations", "reference", "per_step", "on_device_epoch", "data_parallel",
+         "--json"], capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["implementation"] for r in rows] == ["reference", "per_step", "on_device_epoch", "data_parallel_x2"]
+    for row in rows:
+        assert set(row) == FIELDS
+        assert row["batch_size"] == 8 and row["dtype"] == "float32" and row["backend"] == "cpu"
+        assert row["train_images_per_second"] > 0 and row["eval_images_per_second"] > 0
+        assert row["compile_seconds"] >= 0
+    assert rows[0]["speedup_vs_reference"] == 1.0
+    assert rows[1]["speedup_vs_reference"] == rows[1]["train_images_per_second"] / rows[0]["train_images_per_second"]
+
+
+def test_step_throughput_table():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/step_throughput.py", "--batch-sizes", "4", "--steps", "1", "--windows", "1",
+         "--implementations", "reference", "per_step", "--dtypes", "bfloat16"],
+        capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("backend cpu") and "train img/s" in lines[1]
+    assert lines[3].split()[:3] == ["reference", "4", "float32"]  # the reference is always the float32 loop
+    assert lines[4].split()[:3] == ["per_step", "4", "bfloat16"]
