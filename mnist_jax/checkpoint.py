@@ -79,10 +79,23 @@ def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]
     manager.wait_until_finished()
 
 
+def _on_first_device(manager: ocp.CheckpointManager, step: int) -> Any:
+    """The saved state's shapes and dtypes, placed on this process's first device.
+
+    Restoring to an explicit layout lets a checkpoint written on any device topology (older checkpoints, or
+    other tools' sharded ones) load for inference here.
+    """
+    metadata = ocp.StandardCheckpointer().metadata(os.path.join(manager.directory, str(step), "state"))
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
+                                  metadata.item_metadata.tree)
+
+
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: TrainState | None):
-    abstract = None
     if target is not None:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_tree(target))
+    else:
+        abstract = _on_first_device(manager, step)
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
     )
