@@ -18,6 +18,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from mnist_jax.cli import quiet_libraries
 from mnist_jax.checkpoint import restore_model
 from mnist_jax.data import load_split_numpy, resolve_data_dir
 from mnist_jax.inference import make_predict_fn
@@ -32,6 +33,7 @@ FORMS = {
 
 
 def main() -> None:
+    quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--data-dir")

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from mnist_jax.cli import quiet_libraries
 from mnist_jax import sharding, steps
 from mnist_jax.config import Config
 from mnist_jax.data import Split
@@ -208,6 +209,7 @@ IMPLEMENTATIONS = ("reference", "per_step", "on_device_epoch", "data_parallel")
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512])
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])

@@ -33,6 +33,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field (--learning-rate for learning_rate), with the field's help and default."""
     group = parser.add_argument_group("hyperparameters (stored in DIR/config.json)")
     for field in dataclasses.fields(Config):
+        if not field.metadata.get("flag", True):
+            continue
         default = field.default
         kind: Callable[[str], Any]
         if isinstance(default, bool):
@@ -51,11 +53,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def given_fields(args: argparse.Namespace) -> set[str]:
+    """The Config fields the user set on the command line (fields without a flag never count)."""
+    return {f.name for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
+
+
 def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
     """The base config (default: Config()) with every flag the user gave applied on top."""
     base = base or Config()
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
-    return dataclasses.replace(base, **given)
+    return dataclasses.replace(base, **{name: getattr(args, name) for name in given_fields(args)})
 
 
 class ArgumentParser(argparse.ArgumentParser):

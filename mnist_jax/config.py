@@ -12,11 +12,16 @@ from typing import Any
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "one_cycle")
+FREEZE_CHOICES = ("none", "features")
 
 
-def _field(default: Any, help_text: str) -> Any:
-    """A config field whose help text the command line shows: the config is the one place flags are defined."""
-    return dataclasses.field(default=default, metadata={"help": help_text})
+def _field(default: Any, help_text: str, flag: bool = True) -> Any:
+    """A config field whose help text the command line shows: the config is the one place flags are defined.
+
+    `flag=False` keeps a field off the generic flags: it is set by a dedicated tool (`transfer_from` and `freeze`
+    by `python -m mnist_jax.transfer`), so `train` cannot record a setting it would not honour.
+    """
+    return dataclasses.field(default=default, metadata={"help": help_text, "flag": flag})
 
 
 class UserError(Exception):
@@ -44,6 +49,14 @@ class Config:
     seed: int = _field(0, "seed of every random choice: init, shuffling, dropout")
     eval_batch_size: int = _field(1000, "batch size of evaluation passes")
     keep_checkpoints: int = _field(3, "how many latest checkpoints to keep (the best is always kept too)")
+    train_examples: int = _field(
+        0, "train on a class-balanced subset of this many training examples, the same for the same value and "
+        "seed (0: the whole split; must be >= --batch-size)"
+    )
+    transfer_from: str = _field("", "source workdir whose best checkpoint initialised this run ('' for none)",
+                                flag=False)
+    freeze: str = _field("none", f"parameters kept fixed while training, one of {', '.join(FREEZE_CHOICES)}",
+                         flag=False)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -85,6 +98,18 @@ def validate(config: Config) -> None:
         raise UserError(f"--weight-decay must be >= 0, got {config.weight_decay}")
     if not 0 <= config.dropout_rate < 1:
         raise UserError(f"--dropout-rate must be in [0, 1), got {config.dropout_rate}")
+    if not isinstance(config.train_examples, int) or config.train_examples < 0:
+        raise UserError(f"--train-examples must be a non-negative integer, got {config.train_examples}")
+    if 0 < config.train_examples < config.batch_size:
+        # Erroring beats clamping: a silently changed batch size would change the schedule and the results.
+        raise UserError(
+            f"--train-examples {config.train_examples} is smaller than --batch-size {config.batch_size}; "
+            f"pass --batch-size {config.train_examples} or less"
+        )
+    if config.freeze not in FREEZE_CHOICES:
+        raise UserError(f"unknown --freeze {config.freeze!r}; choose one of: {', '.join(FREEZE_CHOICES)}")
+    if config.freeze != "none" and not config.transfer_from:
+        raise UserError("--freeze features needs a transferred model (--from): frozen random features learn nothing")
     if not config.conv_features or any(f <= 0 for f in config.conv_features + config.dense_features):
         raise UserError("--conv-features needs at least one layer and every width must be positive")
 

@@ -8,6 +8,7 @@ the host never sits in the input path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 from typing import NamedTuple
@@ -89,7 +90,15 @@ def _builder(name: str, data_dir: str | None):
 
 
 def load_split_numpy(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """One split as host arrays (uint8 images, int32 labels), in the split's stored order."""
+    """One split as host arrays (uint8 images, int32 labels), in the split's stored order.
+
+    Cached per process (read-only arrays), so a study training many runs in one process reads each split once.
+    """
+    return _load_split_cached(name, split, data_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_split_cached(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     import tensorflow_datasets as tfds
 
     builder = _builder(name, data_dir)
@@ -99,7 +108,38 @@ def load_split_numpy(name: str, split: str, data_dir: str | None) -> tuple[np.nd
     images = arrays["image"]
     if images.ndim == 3:
         images = images[..., None]
-    return images.astype(np.uint8), arrays["label"].astype(np.int32)
+    images, labels = images.astype(np.uint8), arrays["label"].astype(np.int32)
+    images.flags.writeable = labels.flags.writeable = False  # shared by every caller of the cache
+    return images, labels
+
+
+def image_shape(name: str, data_dir: str | None) -> tuple[int, ...]:
+    """(H, W, C) of the dataset's images from its metadata, without reading any data."""
+    shape = tuple(_builder(name, resolve_data_dir(data_dir)).info.features["image"].shape)
+    return shape if len(shape) == 3 else (*shape, 1)
+
+
+def balanced_subset(labels: np.ndarray, size: int, num_classes: int, seed: int) -> np.ndarray:
+    """Sorted indices of `size` examples, as equal per class as possible; depends only on (labels, size, seed).
+
+    Each class's examples are ranked by a generator seeded with (seed, class), and the `size % num_classes`
+    classes that get one extra example are drawn from a generator seeded with (seed,): so subsets for the same
+    seed are nested (the 100-example subset lies inside the 1000-example one), and nothing else (batch size,
+    model, JAX backend) can change them.
+    """
+    if size > len(labels):
+        raise UserError(f"--train-examples {size} is larger than the training split ({len(labels)} examples)")
+    quota = np.full(num_classes, size // num_classes)
+    quota[np.random.default_rng([seed]).permutation(num_classes)[: size % num_classes]] += 1
+    chosen = []
+    for label in range(num_classes):
+        members = np.flatnonzero(labels == label)
+        if len(members) < quota[label]:
+            raise UserError(f"--train-examples {size} needs {quota[label]} examples of class {label}, "
+                            f"the training split has {len(members)}")
+        ranked = members[np.random.default_rng([seed, label]).permutation(len(members))]
+        chosen.append(ranked[: quota[label]])
+    return np.sort(np.concatenate(chosen))
 
 
 def class_names(name: str, data_dir: str | None) -> tuple[str, ...]:
@@ -107,11 +147,25 @@ def class_names(name: str, data_dir: str | None) -> tuple[str, ...]:
     return tuple(_builder(name, data_dir).info.features["label"].names)
 
 
-def load_dataset(name: str, data_dir: str | None, sharding: jax.sharding.Sharding | None = None) -> Dataset:
-    """Loads train and test splits onto the device(s) given by `sharding` (default: the first device)."""
+def load_dataset(
+    name: str,
+    data_dir: str | None,
+    sharding: jax.sharding.Sharding | None = None,
+    train_examples: int = 0,
+    subset_seed: int = 0,
+) -> Dataset:
+    """Loads train and test splits onto the device(s) given by `sharding` (default: the first device).
+
+    `train_examples > 0` keeps only `balanced_subset` of the training split; its pixel statistics then come from
+    the subset alone, so a small-data run sees nothing of the examples it was not given.
+    """
     data_dir = resolve_data_dir(data_dir)
     train_images, train_labels = load_split_numpy(name, "train", data_dir)
     test_images, test_labels = load_split_numpy(name, "test", data_dir)
+    names = class_names(name, data_dir)
+    if train_examples:
+        keep = balanced_subset(train_labels, train_examples, len(names), subset_seed)
+        train_images, train_labels = train_images[keep], train_labels[keep]
     if train_images.shape[1:] != test_images.shape[1:]:
         raise UserError(f"dataset {name!r}: train and test images differ in shape")
     scaled = train_images.astype(np.float64) / 255.0
@@ -120,7 +174,7 @@ def load_dataset(name: str, data_dir: str | None, sharding: jax.sharding.Shardin
         name=name,
         train=Split(put(train_images), put(train_labels)),
         test=Split(put(test_images), put(test_labels)),
-        class_names=class_names(name, data_dir),
+        class_names=names,
         mean=float(scaled.mean()),
         std=float(scaled.std()),
     )

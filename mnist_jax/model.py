@@ -67,5 +67,18 @@ def build_model(config: Config, num_classes: int, mean: float, std: float) -> CN
     )
 
 
+def head_name(config: Config) -> str:
+    """The classifier's parameter collection: linen names the last Dense after the hidden ones."""
+    return f"Dense_{len(config.dense_features)}"
+
+
+def feature_layer_names(config: Config) -> tuple[str, ...]:
+    """The convolutional feature extractor's parameter collections: every Conv, and the batch norms that follow
+    them (linen numbers BatchNorm layers in call order, so the first len(conv_features) belong to the convs)."""
+    convs = tuple(f"Conv_{i}" for i in range(len(config.conv_features)))
+    norms = tuple(f"BatchNorm_{i}" for i in range(len(config.conv_features))) if config.batch_norm else ()
+    return convs + norms
+
+
 def count_params(params) -> int:
     return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 
 from mnist_jax.config import Config
+from mnist_jax.model import feature_layer_names
 
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
@@ -25,7 +27,24 @@ def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedu
 
 
 def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The optimiser named by `config.optimizer`, driven by the configured schedule."""
+    """The optimiser named by `config.optimizer`, driven by the configured schedule, with `config.freeze` applied.
+
+    Frozen parameters get `optax.set_to_zero()`: their updates are exactly zero (no weight decay either), so they
+    stay bit-identical, and their optimiser state is empty.
+    """
+    tx = _base_optimizer(config, steps_per_epoch)
+    if config.freeze == "none":
+        return tx
+    frozen = set(feature_layer_names(config))
+
+    def labels(params):
+        return {name: jax.tree_util.tree_map(lambda _: "frozen" if name in frozen else "trained", subtree)
+                for name, subtree in params.items()}
+
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _base_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(config, steps_per_epoch)
     if config.optimizer == "sgd":
         return optax.sgd(schedule, momentum=config.momentum)

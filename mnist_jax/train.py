@@ -12,14 +12,14 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from mnist_jax import checkpoint, data, sharding, steps, workdir
-from mnist_jax.cli import ArgumentParser, add_config_flags, config_from_args, run_cli
+from mnist_jax.cli import ArgumentParser, add_config_flags, config_from_args, given_fields, run_cli
 from mnist_jax.config import Config, UserError, incompatible_fields, validate
 from mnist_jax.model import build_model
 from mnist_jax.optim import learning_rate_schedule, make_optimizer
@@ -34,6 +34,9 @@ class RunOptions:
     devices: int | None = None  # None: every device JAX sees
     progress: bool = True
     plots: bool = True
+    # Initial state of a fresh run, given the freshly initialised state and the data (transfer learning sets it).
+    # Called only when no checkpoint exists: a resumed run's initial values come from its own checkpoints.
+    init_params: Callable[[steps.TrainState, data.Dataset], steps.TrainState] | None = None
 
 
 def resolve_config(workdir_path: str, requested: Config, given_fields: set[str]) -> Config:
@@ -49,13 +52,16 @@ def resolve_config(workdir_path: str, requested: Config, given_fields: set[str])
     return saved
 
 
-def evaluate_split(state: steps.TrainState, split: data.Split, batch_size: int, batch_sharding) -> dict[str, float]:
+def evaluate_split(state: steps.TrainState, split: data.Split, batch_size: int, mesh) -> dict[str, float]:
     """Mean loss and accuracy over every example of a split (the last batch padded and masked)."""
     indices, masks = data.eval_batches(int(split.labels.shape[0]), batch_size)
+    batch_sharding, lockstep = sharding.batch_sharded(mesh), sharding.needs_lockstep(mesh)
     totals = []
     for idx, mask in zip(indices, masks):
         idx = jax.device_put(idx, batch_sharding)
         totals.append(steps.eval_step(state, steps.take_batch(split, idx), jax.device_put(mask, batch_sharding)))
+        if lockstep:
+            jax.block_until_ready(totals[-1])
     totals = jax.device_get(totals)
     count = sum(float(t["count"]) for t in totals)
     return {
@@ -78,12 +84,12 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
     """Trains (or resumes) the run described by `config` in `options.workdir`; returns the metrics history."""
     started = time.time() if started is None else started
     validate(config)
-    mesh = sharding.make_mesh(options.devices)
+    mesh = sharding.make_mesh(options.devices, config.batch_size, config.eval_batch_size)
     sharding.check_divisible(config.batch_size, mesh)
     sharding.check_divisible(config.eval_batch_size, mesh, "--eval-batch-size")
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
-    dataset = data.load_dataset(config.dataset, options.data_dir, replicated)
+    dataset = data.load_dataset(config.dataset, options.data_dir, replicated, config.train_examples, config.seed)
     num_train = int(dataset.train.labels.shape[0])
     if config.batch_size > num_train:
         raise UserError(f"--batch-size {config.batch_size} is larger than the training split ({num_train} examples)")
@@ -105,6 +111,8 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
         state, meta = restored
         history = meta["history"]
         print(f"resumed from {options.workdir} at epoch {meta['epoch']} (step {int(state.step)})", flush=True)
+    elif options.init_params is not None:
+        state = options.init_params(state, dataset)
     if primary:
         workdir.write_metrics(options.workdir, history)  # Drops any line written after the last checkpoint.
     if len(history) >= config.epochs:
@@ -113,6 +121,7 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
 
     state = jax.device_put(state, replicated)
     on_device = steps.uses_on_device_epoch(jax.default_backend())
+    lockstep = sharding.needs_lockstep(mesh)
     take = jax.jit(steps.take_batch, out_shardings=batch_sharding)
     meta_base = {
         "config": dataclasses.asdict(config),
@@ -121,8 +130,13 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
         "mean": dataset.mean,
         "std": dataset.std,
     }
+    if not on_device:  # steps.train_step, compiled once with this backend's XLA options
+        example_batch = take(dataset.train, np.arange(config.batch_size))
+        train_fn = steps.compile_for_backend(steps.train_step, state, example_batch)
     for epoch in range(len(history) + 1, config.epochs + 1):
         permutation = data.epoch_permutation(jax.random.fold_in(shuffle_key, epoch), num_train, config.batch_size)
+        if not on_device:
+            permutation = np.asarray(permutation)  # rows go to the device with each step: no slicing dispatch
         epoch_start = time.time()
         if on_device:
             state, step_metrics = steps.train_epoch_on_device(state, dataset.train, permutation)
@@ -131,11 +145,13 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", leave=False,
                        disable=not options.progress, unit="step", file=sys.stderr, mininterval=1.0)
             for i in bar:
-                state, metrics = steps.train_step(state, take(dataset.train, permutation[i]))
+                state, metrics = train_fn(state, take(dataset.train, permutation[i]))
                 step_metrics.append(metrics)
+                if lockstep:
+                    jax.block_until_ready(metrics)
         step_metrics = jax.device_get(step_metrics)
         train_seconds = time.time() - epoch_start
-        test = evaluate_split(state, dataset.test, config.eval_batch_size, batch_sharding)
+        test = evaluate_split(state, dataset.test, config.eval_batch_size, mesh)
         entry = {
             "epoch": epoch,
             "step": int(state.step),
@@ -171,35 +187,54 @@ def _plot_curves(workdir_path: str, history: list[dict[str, Any]]) -> None:
     plot_curves(history, os.path.join(workdir_path, workdir.CURVES_FILE))
 
 
+def build_parser(prog: str, description: str, epilog: str) -> ArgumentParser:
+    """The training flags (run options plus one flag per Config field), shared by `train` and `transfer`."""
+    parser = ArgumentParser(prog=prog, description=description, epilog=epilog)
+    parser.add_argument("--workdir", required=True, help="run directory: config, metrics, checkpoints, plots")
+    parser.add_argument("--data-dir", help="tfds data directory (default: $TFDS_DATA_DIR, else tfds's default)")
+    parser.add_argument("--devices", type=int,
+                        help="devices to split each batch over (default: all JAX sees; on CPU, one per core)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (one log line per epoch)")
+    add_config_flags(parser)
+    return parser
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(
+    return build_parser(
         prog="python -m mnist_jax.train",
         description="Train the CNN on a tfds image dataset; running it again on the same --workdir resumes.",
         epilog="example: python -m mnist_jax.train --workdir runs/mnist --data-dir ../shared/tensorflow_datasets",
-    )
-    parser.add_argument("--workdir", required=True, help="run directory: config, metrics, checkpoints, plots")
-    parser.add_argument("--data-dir", help="tfds data directory (default: $TFDS_DATA_DIR, else tfds's default)")
-    parser.add_argument("--devices", type=int, help="devices to split each batch over (default: all JAX sees)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (one log line per epoch)")
-    add_config_flags(parser)
-    return parser.parse_args(argv)
+    ).parse_args(argv)
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """The RunOptions the shared flags describe."""
+    return RunOptions(workdir=args.workdir, data_dir=args.data_dir, devices=args.devices,
+                      progress=not args.no_progress)
+
+
+def report_final(history: list[dict[str, Any]], started: float, workdir_path: str) -> None:
+    if history:
+        print(f"final test accuracy {history[-1]['test_accuracy']:.2%} "
+              f"({time.time() - started:.1f} s) -> {workdir_path}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     args = parse_args(argv)
-    given = {f.name for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    sharding.use_every_cpu_core()
+    given = given_fields(args)
     if sharding.initialize_distributed():
         print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices", flush=True)
     requested = config_from_args(args)
     validate(requested)  # Bad values are reported as such, even when the workdir holds another run.
     config = resolve_config(args.workdir, requested, given)
-    options = RunOptions(workdir=args.workdir, data_dir=args.data_dir, devices=args.devices,
-                         progress=not args.no_progress)
-    history = train_and_evaluate(config, options, started)
-    if history:
-        print(f"final test accuracy {history[-1]['test_accuracy']:.2%} "
-              f"({time.time() - started:.1f} s) -> {args.workdir}", flush=True)
+    options = run_options(args)
+    if config.transfer_from:  # a transfer run resumed (or restarted before its first checkpoint) by `train`
+        from mnist_jax.transfer import initializer
+
+        options = dataclasses.replace(options, init_params=initializer(config.transfer_from))
+    report_final(train_and_evaluate(config, options, started), started, args.workdir)
     return 0
 
 

@@ -27,8 +27,10 @@ def make_tiny_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return images
 
 
-def write_tiny_dataset(data_dir: Path, train: int = 640, test: int = 200, seed: int = 0) -> Path:
-    """Writes `tiny_digits` into data_dir with tfds's writer, so tests read it through the real loader."""
+def write_tiny_dataset(data_dir: Path, train: int = 640, test: int = 200, seed: int = 0, name: str = TINY,
+                       num_classes: int = 10, channels: int = 1) -> Path:
+    """Writes `tiny_digits` (or a variant: fewer classes, more channels) into data_dir with tfds's writer, so
+    tests read it through the real loader."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
     import tensorflow_datasets as tfds
@@ -36,15 +38,17 @@ def write_tiny_dataset(data_dir: Path, train: int = 640, test: int = 200, seed: 
     rng = np.random.default_rng(seed)
 
     def split(n: int):
-        labels = np.arange(n) % 10
+        labels = np.arange(n) % num_classes
         rng.shuffle(labels)
-        return tf.data.Dataset.from_tensor_slices({"image": make_tiny_images(labels, rng), "label": labels})
+        images = np.repeat(make_tiny_images(labels, rng), channels, axis=-1)
+        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
 
     features = tfds.features.FeaturesDict(
-        {"image": tfds.features.Image(shape=(28, 28, 1)), "label": tfds.features.ClassLabel(num_classes=10)}
+        {"image": tfds.features.Image(shape=(28, 28, channels)),
+         "label": tfds.features.ClassLabel(num_classes=num_classes)}
     )
     tfds.dataset_builders.store_as_tfds_dataset(
-        name=TINY, version="1.0.0", features=features, data_dir=str(data_dir),
+        name=name, version="1.0.0", features=features, data_dir=str(data_dir),
         split_datasets={"train": split(train), "test": split(test)}, disable_shuffling=True,
     )
     return data_dir
@@ -75,6 +79,17 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     with built_once(path) as needed:
         if needed:
             write_tiny_dataset(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_variants_dir(tmp_path_factory) -> Path:
+    """`tiny_five` (tiny_digits' first 5 classes) and `tiny_rgb` (3-channel tiny_digits), for transfer tests."""
+    path = shared_path(tmp_path_factory, "tiny-variants-tfds")
+    with built_once(path) as needed:
+        if needed:
+            write_tiny_dataset(path, train=320, test=100, seed=1, name="tiny_five", num_classes=5)
+            write_tiny_dataset(path, train=64, test=20, seed=2, name="tiny_rgb", channels=3)
     return path
 
 
