@@ -117,6 +117,7 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
         workdir.write_metrics(options.workdir, history)  # Drops any line written after the last checkpoint.
     if len(history) >= config.epochs:
         print(f"run complete: {config.epochs} epochs already trained in {options.workdir}", flush=True)
+        manager.close()
         return history
 
     state = jax.device_put(state, replicated)
