@@ -49,6 +49,12 @@ class Config:
     seed: int = _field(0, "seed of every random choice: init, shuffling, dropout")
     eval_batch_size: int = _field(1000, "batch size of evaluation passes")
     keep_checkpoints: int = _field(3, "how many latest checkpoints to keep (the best is always kept too)")
+    augment_rotation: float = _field(0.0, "training augmentation: largest random rotation in degrees (0: none)")
+    augment_scale: float = _field(0.0, "training augmentation: largest relative zoom, e.g. 0.1 (0: none)")
+    augment_shift: float = _field(0.0, "training augmentation: largest random shift in pixels (0: none)")
+    validation_fraction: float = _field(
+        0.0, "hold out this fraction of the training split (its last examples) for validation and best-checkpoint "
+        "choice; 0 disables")
     train_examples: int = _field(
         0, "train on a class-balanced subset of this many training examples, the same for the same value and "
         "seed (0: the whole split; must be >= --batch-size)"
@@ -98,6 +104,13 @@ def validate(config: Config) -> None:
         raise UserError(f"--weight-decay must be >= 0, got {config.weight_decay}")
     if not 0 <= config.dropout_rate < 1:
         raise UserError(f"--dropout-rate must be in [0, 1), got {config.dropout_rate}")
+    for name in ("augment_rotation", "augment_scale", "augment_shift"):
+        if getattr(config, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    if config.augment_scale >= 1:
+        raise UserError(f"--augment-scale must be below 1, got {config.augment_scale}")
+    if not 0 <= config.validation_fraction < 1:
+        raise UserError(f"--validation-fraction must be in [0, 1), got {config.validation_fraction}")
     if not isinstance(config.train_examples, int) or config.train_examples < 0:
         raise UserError(f"--train-examples must be a non-negative integer, got {config.train_examples}")
     if 0 < config.train_examples < config.batch_size:

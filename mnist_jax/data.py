@@ -41,6 +41,7 @@ class Dataset:
     class_names: tuple[str, ...]
     mean: float  # pixel statistics of the training split, in [0, 1] units
     std: float
+    validation: Split | None = None  # held out from the training split when asked
 
     @property
     def num_classes(self) -> int:
@@ -153,14 +154,19 @@ def load_dataset(
     sharding: jax.sharding.Sharding | None = None,
     train_examples: int = 0,
     subset_seed: int = 0,
+    validation_fraction: float = 0.0,
 ) -> Dataset:
     """Loads train and test splits onto the device(s) given by `sharding` (default: the first device).
 
-    `train_examples > 0` keeps only `balanced_subset` of the training split; its pixel statistics then come from
-    the subset alone, so a small-data run sees nothing of the examples it was not given.
+    `validation_fraction > 0` first holds out the last examples of the training split (`validation_slice`);
+    `train_examples > 0` then keeps only `balanced_subset` of what remains. Pixel statistics come from the
+    training examples alone, so a run sees nothing of the examples it was not given.
     """
     data_dir = resolve_data_dir(data_dir)
     train_images, train_labels = load_split_numpy(name, "train", data_dir)
+    train_part, validation_part = validation_slice(len(train_labels), validation_fraction)
+    validation = (train_images[validation_part], train_labels[validation_part]) if validation_fraction else None
+    train_images, train_labels = train_images[train_part], train_labels[train_part]
     test_images, test_labels = load_split_numpy(name, "test", data_dir)
     names = class_names(name, data_dir)
     if train_examples:
@@ -177,7 +183,18 @@ def load_dataset(
         class_names=names,
         mean=float(scaled.mean()),
         std=float(scaled.std()),
+        validation=Split(put(validation[0]), put(validation[1])) if validation else None,
     )
+
+
+def validation_slice(num_examples: int, fraction: float) -> tuple[slice, slice]:
+    """(train, validation) slices of the training split: the validation part is its last round(fraction * N)
+    examples, like tfds's `train[:90%]` / `train[90%:]`, so it is the same on every run and machine."""
+    held_out = int(round(fraction * num_examples))
+    if fraction and not 0 < held_out < num_examples:
+        raise UserError(f"--validation-fraction {fraction} leaves no validation or no training examples "
+                        f"of {num_examples}")
+    return slice(0, num_examples - held_out), slice(num_examples - held_out, num_examples)
 
 
 def normalize(images: jax.Array, mean: float, std: float) -> jax.Array:

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mnist_jax.augment import AffineRange, random_affine
 from mnist_jax.config import Config
 from mnist_jax.data import normalize
 
@@ -28,10 +29,13 @@ class CNN(nn.Module):
     dropout_rate: float = 0.0
     batch_norm: bool = False
     dtype: str = "float32"  # computation dtype; parameters are float32 either way
+    augment: AffineRange = AffineRange()  # random affine warps in training only, from the 'augment' PRNG stream
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         """uint8 images (B, H, W, C) -> logits (B, num_classes)."""
+        if train and self.augment.enabled:
+            images = random_affine(self.make_rng("augment"), images, self.augment)
         x = normalize(images, self.mean, self.std).astype(self.dtype)
         for width in self.conv_features:
             x = nn.Conv(width, kernel_size=(3, 3), dtype=self.dtype)(x)
@@ -64,6 +68,7 @@ def build_model(config: Config, num_classes: int, mean: float, std: float) -> CN
         dropout_rate=config.dropout_rate,
         batch_norm=config.batch_norm,
         dtype=config.dtype,
+        augment=AffineRange(config.augment_rotation, config.augment_scale, config.augment_shift),
     )
 
 

@@ -240,3 +240,18 @@ def plot_per_class(report: dict[str, Any], class_names: list[str], path: str | o
     axes.grid(axis="y", alpha=0.3)
     axes.legend(loc="upper center", ncols=3)
     _save_atomically(figure, path)
+
+
+def plot_augmentations(originals: ArrayLike, augmented: ArrayLike, path: str | os.PathLike[str]) -> None:
+    """What the model sees in training: each column an original, the rows below it random augmentations of it.
+
+    `augmented` has shape (versions, N, H, W[, 1]) for N originals of shape (N, H, W[, 1]).
+    """
+    originals = _as_image_batch(originals)
+    versions = [_as_image_batch(v) for v in np.asarray(augmented)]
+    images = np.concatenate([originals, *versions])
+    titles = ["original"] * len(originals) + [f"augmented {i + 1}" for i in range(len(versions))
+                                              for _ in range(len(originals))]
+    figure = _image_grid(images, titles, ["black"] * len(images), len(originals),
+                         "Training augmentation: random rotation, scale and shift per example")
+    _save_atomically(figure, path)

@@ -57,13 +57,15 @@ def _loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array,
 
 
 def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    """One optimisation step; dropout draws from the state's key folded with the step number."""
+    """One optimisation step; dropout and augmentation draw from the state's key folded with the step number."""
     dropout_key = jax.random.fold_in(state.rng, state.step)
+    augment_key = jax.random.fold_in(dropout_key, 1)
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         logits, updates = state.apply_fn(
-            variables, batch["image"], train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"]
+            variables, batch["image"], train=True, rngs={"dropout": dropout_key, "augment": augment_key},
+            mutable=["batch_stats"],
         )
         loss, correct = _loss_and_accuracy(logits, batch["label"])
         return loss.mean(), (correct.mean(), updates)

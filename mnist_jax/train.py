@@ -74,7 +74,9 @@ def _log_epoch(entry: dict[str, Any], epochs: int) -> None:
     print(
         f"epoch {entry['epoch']}/{epochs}  "
         f"train loss {entry['train_loss']:.4f} acc {entry['train_accuracy']:.2%}  "
-        f"test loss {entry['test_loss']:.4f} acc {entry['test_accuracy']:.2%}  "
+        + (f"val loss {entry['validation_loss']:.4f} acc {entry['validation_accuracy']:.2%}  "
+           if "validation_accuracy" in entry else "")
+        + f"test loss {entry['test_loss']:.4f} acc {entry['test_accuracy']:.2%}  "
         f"{entry['train_images_per_second']:,.0f} img/s  {entry['elapsed_seconds']:.1f} s",
         flush=True,
     )
@@ -89,7 +91,8 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
     sharding.check_divisible(config.eval_batch_size, mesh, "--eval-batch-size")
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
-    dataset = data.load_dataset(config.dataset, options.data_dir, replicated, config.train_examples, config.seed)
+    dataset = data.load_dataset(config.dataset, options.data_dir, replicated, config.train_examples, config.seed,
+                                config.validation_fraction)
     num_train = int(dataset.train.labels.shape[0])
     if config.batch_size > num_train:
         raise UserError(f"--batch-size {config.batch_size} is larger than the training split ({num_train} examples)")
@@ -104,6 +107,8 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
     primary = sharding.is_primary_process()
     if primary:
         workdir.write_config(options.workdir, config)
+        if options.plots and model.augment.enabled:
+            _plot_augmentations(options.workdir, dataset, model, jax.random.fold_in(shuffle_key, 0))
     manager = checkpoint.open_manager(options.workdir, keep=config.keep_checkpoints)
     history: list[dict[str, Any]] = []
     restored = checkpoint.restore_latest(options.workdir, manager, state)
@@ -153,6 +158,10 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
         step_metrics = jax.device_get(step_metrics)
         train_seconds = time.time() - epoch_start
         test = evaluate_split(state, dataset.test, config.eval_batch_size, mesh)
+        held_out = {}
+        if dataset.validation is not None:  # the best checkpoint is then chosen on it, never on test
+            validation = evaluate_split(state, dataset.validation, config.eval_batch_size, mesh)
+            held_out = {"validation_loss": validation["loss"], "validation_accuracy": validation["accuracy"]}
         entry = {
             "epoch": epoch,
             "step": int(state.step),
@@ -160,6 +169,7 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
             "train_accuracy": float(np.mean(_field(step_metrics, "accuracy"))),
             "test_loss": test["loss"],
             "test_accuracy": test["accuracy"],
+            **held_out,
             "learning_rate": float(schedule(int(state.step) - 1)),
             "train_images_per_second": steps_per_epoch * config.batch_size / train_seconds,
             "elapsed_seconds": time.time() - started,
@@ -180,6 +190,17 @@ def _field(step_metrics, name: str) -> np.ndarray:
     if isinstance(step_metrics, dict):
         return np.asarray(step_metrics[name])
     return np.asarray([m[name] for m in step_metrics])
+
+
+def _plot_augmentations(workdir_path: str, dataset: data.Dataset, model, key: jax.Array) -> None:
+    """DIR/augmentations.png: eight training images and three random augmentations of each."""
+    from mnist_jax.augment import random_affine
+    from mnist_jax.plots import plot_augmentations
+
+    originals = np.asarray(dataset.train.images[:8])
+    versions = [np.asarray(random_affine(k, originals, model.augment)).round().astype(np.uint8)
+                for k in jax.random.split(key, 3)]
+    plot_augmentations(originals, np.stack(versions), os.path.join(workdir_path, "augmentations.png"))
 
 
 def _plot_curves(workdir_path: str, history: list[dict[str, Any]]) -> None:
