@@ -8,11 +8,10 @@ Every file is written atomically: a crash never leaves a half-written PNG.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from numpy.typing import ArrayLike
+
+from mnist_jax.workdir import write_atomic
 
 DPI = 110
 MISTAKE_COLOUR = "tab:red"
@@ -39,21 +40,10 @@ def _new_figure(width_inches: float, height_inches: float) -> Figure:
 
 
 def _save_atomically(figure: Figure, path: str | os.PathLike[str]) -> None:
-    """Render to a temporary file next to ``path``, then rename it into place.
-
-    ``os.replace`` within one directory is atomic, so readers see either the old
-    file or the complete new one.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as temporary_file:
-            figure.savefig(temporary_file, format="png", dpi=DPI)
-        os.replace(temporary_name, target)
-    except BaseException:
-        Path(temporary_name).unlink(missing_ok=True)
-        raise
+    """Render to memory, then replace ``path`` in one step: readers see the old file or the complete new one."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    write_atomic(os.fspath(path), buffer.getvalue())
 
 
 def _as_image_batch(images: ArrayLike) -> np.ndarray:

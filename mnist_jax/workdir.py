@@ -24,9 +24,13 @@ def write_atomic(path: str, data: str | bytes) -> None:
     os.makedirs(directory, exist_ok=True)
     mode = "wb" if isinstance(data, bytes) else "w"
     with tempfile.NamedTemporaryFile(mode, dir=directory, delete=False, prefix=".tmp-") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        try:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            os.unlink(handle.name)
+            raise
     os.replace(handle.name, path)
 
 

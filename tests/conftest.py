@@ -93,29 +93,29 @@ def tiny_variants_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, tiny_data_dir) -> Path:
-    """A finished 3-epoch training workdir on tiny_digits (train it once per test session)."""
-    path = shared_path(tmp_path_factory, "tiny-run")
+def trained_once(tmp_path_factory, name: str, *train_args, timeout: float = 300) -> Path:
+    """A workdir trained by `python -m mnist_jax.train` once per test session (its stdout kept beside it)."""
+    path = shared_path(tmp_path_factory, name)
     with built_once(path) as needed:
         if needed:
-            result = run_module("mnist_jax.train", "--workdir", path, "--data-dir", tiny_data_dir, *TINY_FLAGS,
-                                "--epochs", "3", "--learning-rate", "0.003")
+            result = run_module("mnist_jax.train", "--workdir", path, *train_args, timeout=timeout)
             assert result.returncode == 0, result.stderr
             Path(f"{path}.stdout").write_text(result.stdout)
     return path
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data_dir) -> Path:
+    """A finished 3-epoch training workdir on tiny_digits."""
+    return trained_once(tmp_path_factory, "tiny-run", "--data-dir", tiny_data_dir, *TINY_FLAGS, "--epochs", "3",
+                        "--learning-rate", "0.003")
+
+
+@pytest.fixture(scope="session")
 def mnist_run(tmp_path_factory, shared_data_dir) -> Path:
-    """The default model trained for one epoch on the real MNIST (~99% test accuracy), once per session."""
-    path = shared_path(tmp_path_factory, "mnist-run")
-    with built_once(path) as needed:
-        if needed:
-            result = run_module("mnist_jax.train", "--workdir", path, "--data-dir", shared_data_dir, "--epochs", "1",
-                                "--no-progress", timeout=600)
-            assert result.returncode == 0, result.stderr
-    return path
+    """The default model trained for one epoch on the real MNIST (~99% test accuracy)."""
+    return trained_once(tmp_path_factory, "mnist-run", "--data-dir", shared_data_dir, "--epochs", "1",
+                        "--no-progress", timeout=600)
 
 
 @pytest.fixture(scope="session")
