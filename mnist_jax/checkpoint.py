@@ -27,8 +27,12 @@ QUARANTINE_DIR = "checkpoints-corrupt"
 
 
 def selection_metric(metrics: dict[str, Any]) -> float:
-    """What "best" means: validation accuracy when the run holds out a validation slice, else test accuracy."""
-    return metrics.get("validation_accuracy", metrics.get("test_accuracy", 0.0))
+    """What "best" means: the highest validation accuracy when the run holds out a validation slice. Without one
+    there is no honest way to choose (picking on test would leak the test set into the result), so "best" is
+    then the latest epoch."""
+    if "validation_accuracy" in metrics:
+        return metrics["validation_accuracy"]
+    return float(metrics.get("epoch", 0))
 
 
 def open_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -168,6 +172,7 @@ class RestoredModel:
     image_shape: tuple[int, ...]
     step: int
     meta: dict[str, Any]
+    workdir: str = ""
 
 
 def restore_model(workdir: str, checkpoint: str = "best") -> RestoredModel:
@@ -194,4 +199,5 @@ def restore_model(workdir: str, checkpoint: str = "best") -> RestoredModel:
         image_shape=tuple(meta["image_shape"]),
         step=step,
         meta=meta,
+        workdir=workdir,
     )

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from mnist_jax.config import Config, UserError
+from mnist_jax.config import PRESETS, Config, UserError, preset
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -29,6 +29,15 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def flag_type(field: dataclasses.Field) -> Callable[[str], Any]:
+    """The parser of a Config field's command-line text: its default's type (tuples: comma-separated ints)."""
+    if isinstance(field.default, bool):
+        return _bool
+    if isinstance(field.default, tuple):
+        return _int_tuple
+    return type(field.default)
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field (--learning-rate for learning_rate), with the field's help and default."""
     group = parser.add_argument_group("hyperparameters (stored in DIR/config.json)")
@@ -36,32 +45,36 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if not field.metadata.get("flag", True):
             continue
         default = field.default
-        kind: Callable[[str], Any]
-        if isinstance(default, bool):
-            kind = _bool
-        elif isinstance(default, tuple):
-            kind = _int_tuple
-        else:
-            kind = type(default)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         group.add_argument(
             "--" + field.name.replace("_", "-"),
-            type=kind,
+            type=flag_type(field),
             default=None,
             metavar=field.name.upper(),
             help=f"{field.metadata['help']} (default: {shown})",
         )
 
 
+def add_preset_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", choices=tuple(PRESETS), metavar="NAME",
+                        help=f"start from a named preset, one of {', '.join(PRESETS)}; flags given beside it "
+                             "override single fields (default: default)")
+
+
 def given_fields(args: argparse.Namespace) -> set[str]:
-    """The Config fields the user set on the command line (fields without a flag never count)."""
-    return {f.name for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
+    """The Config fields the user chose on the command line: the flags given, and with --config every field
+    that has a flag (a preset states them all, so resuming another run's workdir with it is caught)."""
+    flagged = [f.name for f in dataclasses.fields(Config) if f.metadata.get("flag", True)]
+    if getattr(args, "config", None):
+        return set(flagged)
+    return {name for name in flagged if getattr(args, name, None) is not None}
 
 
-def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
-    """The base config (default: Config()) with every flag the user gave applied on top."""
-    base = base or Config()
-    return dataclasses.replace(base, **{name: getattr(args, name) for name in given_fields(args)})
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The chosen preset (default: Config()) with every flag the user gave applied on top."""
+    base = preset(args.config) if getattr(args, "config", None) else Config()
+    flags = {f.name for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(base, **{name: getattr(args, name) for name in flags})
 
 
 class ArgumentParser(argparse.ArgumentParser):

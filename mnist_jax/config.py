@@ -34,9 +34,13 @@ class Config:
 
     dataset: str = _field("mnist", "tfds dataset name (mnist, fashion_mnist, kmnist, ...)")
     conv_features: tuple[int, ...] = _field((32, 64), "widths of the 3x3 conv blocks, comma-separated")
+    convs_per_block: int = _field(1, "3x3 convs in each conv block, before its 2x2 pooling")
     dense_features: tuple[int, ...] = _field((256,), "widths of the hidden dense layers, comma-separated")
     dropout_rate: float = _field(0.0, "dropout after each hidden dense layer (0 disables)")
     batch_norm: bool = _field(False, "batch norm after every conv and hidden dense layer")
+    batch_norm_groups: int = _field(
+        1, "batch-norm statistics per this many equal slices of each training batch (ghost batch norm); "
+        "a multiple of the device count keeps them off the interconnect")
     dtype: str = _field("float32", "computation dtype, float32 or bfloat16 (parameters stay float32)")
     optimizer: str = _field("adamw", f"one of {', '.join(OPTIMIZERS)}")
     learning_rate: float = _field(3e-3, "peak learning rate of the schedule")
@@ -78,12 +82,42 @@ class Config:
         return cls(**fixed)
 
 
+# Named starting points for `--config NAME`; flags given beside it override single fields.
+PRESETS: dict[str, Config] = {
+    # The Flax example's CNN with a fast recipe: 99.3-99.4% on MNIST in about a minute on a 2-core CPU.
+    "default": Config(),
+    # Near the state of the art for a single CNN (99.7%+ on MNIST; README, "Accuracy"): a deeper batch-norm CNN
+    # with dropout, random affine augmentation in the train step, a longer one-cycle schedule, and a validation
+    # slice on which the best checkpoint is chosen.
+    "strong": Config(
+        conv_features=(32, 64, 128),
+        batch_norm=True,
+        batch_norm_groups=2,
+        dropout_rate=0.3,
+        augment_rotation=10.0,
+        augment_scale=0.1,
+        augment_shift=2.0,
+        epochs=20,
+        warmup_epochs=1.0,
+        validation_fraction=0.1,
+    ),
+}
+
+
+def preset(name: str) -> Config:
+    """The named preset, or a UserError listing the names."""
+    if name not in PRESETS:
+        raise UserError(f"unknown --config {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
 DTYPES = ("float32", "bfloat16")
 
 
 def validate(config: Config) -> None:
     """Raises UserError naming the first bad hyperparameter (dataset existence is checked by the loader)."""
-    positive_ints = ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints")
+    positive_ints = ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints", "convs_per_block",
+                     "batch_norm_groups")
     for name in positive_ints:
         value = getattr(config, name)
         if not isinstance(value, int) or value <= 0:

@@ -1,4 +1,5 @@
-"""Evaluation: `python -m mnist_jax.evaluate --workdir DIR [--split test] [--checkpoint best]`.
+"""Evaluation: `python -m mnist_jax.evaluate --workdir DIR [--split test] [--checkpoint best]`, or of an
+ensemble: `python -m mnist_jax.evaluate --ensemble DIR [DIR ...] --workdir OUT`.
 
 Restores a checkpoint through Orbax, predicts every example of a split once with the jitted predict function,
 computes the metrics in JAX, prints a classification report and writes `DIR/eval/<split>/`: report.json,
@@ -16,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from mnist_jax import data, metrics, plots
-from mnist_jax.checkpoint import restore_model
+from mnist_jax.checkpoint import RestoredModel, restore_model
 from mnist_jax.cli import ArgumentParser, run_cli
+from mnist_jax.config import UserError
 from mnist_jax.inference import make_predict_fn
 from mnist_jax.workdir import write_atomic
 
@@ -45,14 +47,30 @@ def evaluate(workdir: str, split: str = "test", checkpoint: str = "best", data_d
              out_dir: str | None = None) -> dict[str, Any]:
     """Evaluates one checkpoint of a workdir on a split; returns the report that report.json holds."""
     model = restore_model(workdir, checkpoint)
-    images, labels = data.load_split_numpy(model.config.dataset, split, data.resolve_data_dir(data_dir))
-    probabilities = make_predict_fn(model)(images)
-    num_classes = len(model.class_names)
-    report = metrics.classification_report(labels, probabilities.argmax(axis=-1), num_classes)
-    report["checkpoint_step"] = model.step
-    report["class_names"] = list(model.class_names)
-    out_dir = out_dir or os.path.join(workdir, "eval", split)
-    write_outputs(out_dir, report, images, labels, probabilities, list(model.class_names))
+    return evaluate_models([model], split, data_dir, out_dir or os.path.join(workdir, "eval", split))
+
+
+def evaluate_ensemble(member_dirs: list[str], out_workdir: str, split: str = "test", checkpoint: str = "best",
+                      data_dir: str | None = None) -> dict[str, Any]:
+    """Evaluates the average of several runs' probabilities (each run's `checkpoint`) into OUT/eval/<split>/."""
+    if os.path.abspath(out_workdir) in {os.path.abspath(d) for d in member_dirs}:
+        raise UserError(f"--workdir {out_workdir} is one of the ensemble's members; give the ensemble its own")
+    models = [restore_model(member, checkpoint) for member in member_dirs]
+    return evaluate_models(models, split, data_dir, os.path.join(out_workdir, "eval", split))
+
+
+def evaluate_models(models: list[RestoredModel], split: str, data_dir: str | None, out_dir: str) -> dict[str, Any]:
+    """Predicts a split with the models' averaged probabilities, computes the metrics, writes every output."""
+    first = models[0]
+    predict = make_predict_fn(models)  # checks the members classify the same images into the same classes
+    images, labels = data.load_split_numpy(first.config.dataset, split, data.resolve_data_dir(data_dir))
+    probabilities = predict(images)
+    report = metrics.classification_report(labels, probabilities.argmax(axis=-1), len(first.class_names))
+    report["class_names"] = list(first.class_names)
+    report["members"] = [{"workdir": os.path.abspath(m.workdir), "checkpoint_step": m.step} for m in models]
+    if len(models) == 1:
+        report["checkpoint_step"] = first.step
+    write_outputs(out_dir, report, images, labels, probabilities, list(first.class_names))
     return report
 
 
@@ -62,9 +80,14 @@ def parse_args(argv: list[str] | None):
         description="Evaluate a trained workdir: accuracy, per-class precision/recall/F1, confusion matrix, plots.",
         epilog="example: python -m mnist_jax.evaluate --workdir runs/mnist --data-dir ../shared/tensorflow_datasets",
     )
-    parser.add_argument("--workdir", required=True, help="a training workdir (its checkpoints/ are read)")
+    parser.add_argument("--workdir", required=True,
+                        help="a training workdir (its checkpoints/ are read); with --ensemble, the directory "
+                             "the ensemble's eval/<split>/ is written to")
+    parser.add_argument("--ensemble", nargs="+", metavar="DIR",
+                        help="training workdirs whose averaged probabilities are evaluated (same dataset)")
     parser.add_argument("--split", default="test", help="tfds split, e.g. test, train, train[:10%%] (default: test)")
-    parser.add_argument("--checkpoint", default="best", help="best, latest or a step number (default: best)")
+    parser.add_argument("--checkpoint", default="best",
+                        help="best, latest or a step number, for every member (default: best)")
     parser.add_argument("--data-dir", help="tfds data directory (default: $TFDS_DATA_DIR, else tfds's default)")
     return parser.parse_args(argv)
 
@@ -72,10 +95,15 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     args = parse_args(argv)
-    report = evaluate(args.workdir, args.split, args.checkpoint, args.data_dir)
+    if args.ensemble:
+        report = evaluate_ensemble(args.ensemble, args.workdir, args.split, args.checkpoint, args.data_dir)
+        source = f"ensemble of {len(args.ensemble)}"
+    else:
+        report = evaluate(args.workdir, args.split, args.checkpoint, args.data_dir)
+        source = f"checkpoint step {report['checkpoint_step']}"
     print(metrics.format_report(report, report["class_names"], digits=4))
     out_dir = os.path.join(args.workdir, "eval", args.split)
-    print(f"checkpoint step {report['checkpoint_step']}: accuracy {report['accuracy']:.2%} on "
+    print(f"{source}: accuracy {report['accuracy']:.2%} on "
           f"{sum(c['support'] for c in report['per_class']):,} {args.split} examples "
           f"({time.time() - started:.1f} s) -> {out_dir}")
     return 0

@@ -1,41 +1,64 @@
-"""Jitted batched prediction for a restored model: one function shared by evaluate, predict and serve.
+"""Jitted batched prediction for restored models: one function shared by evaluate, predict and serve.
 
 Inputs are padded to a power-of-two batch (at most `batch_size`), so any number of images costs a handful of
-compilations, and every example is predicted exactly once (the padding is dropped from the result).
+compilations, and every example is predicted exactly once (the padding is dropped from the result). Several
+models (an ensemble) are applied inside the same jitted function and their probabilities averaged.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mnist_jax.checkpoint import RestoredModel
+from mnist_jax.config import UserError
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 
 
-def make_predict_fn(model: RestoredModel, batch_size: int = 1000) -> PredictFn:
-    """Returns predict(uint8 images (N, H, W, C) or (N, H, W)) -> float32 probabilities (N, classes)."""
-    variables = jax.device_put(model.variables)
+def check_same_task(models: Sequence[RestoredModel]) -> None:
+    """Models can be averaged only when they classify the same images into the same classes."""
+    first = models[0]
+    for model in models[1:]:
+        if (model.config.dataset, model.class_names, model.image_shape) != (
+                first.config.dataset, first.class_names, first.image_shape):
+            raise UserError(
+                f"ensemble members must share a dataset: {first.config.dataset} {first.image_shape} with "
+                f"{len(first.class_names)} classes vs {model.config.dataset} {model.image_shape} with "
+                f"{len(model.class_names)} classes")
+
+
+def make_predict_fn(models: RestoredModel | Sequence[RestoredModel], batch_size: int = 1000) -> PredictFn:
+    """Returns predict(uint8 images (N, H, W, C) or (N, H, W)) -> float32 probabilities (N, classes).
+
+    Given several models, the probabilities are their mean (each model its own architecture and variables).
+    """
+    models = [models] if isinstance(models, RestoredModel) else list(models)
+    check_same_task(models)
+    first = models[0]
+    modules = [model.module for model in models]
+    variables = jax.device_put([model.variables for model in models])
 
     @jax.jit
-    def probabilities(images: jax.Array) -> jax.Array:
-        return jax.nn.softmax(model.module.apply(variables, images, train=False), axis=-1)
+    def probabilities(all_variables, images: jax.Array) -> jax.Array:
+        members = [jax.nn.softmax(module.apply(v, images, train=False), axis=-1)
+                   for module, v in zip(modules, all_variables)]
+        return sum(members[1:], members[0]) / len(members)
 
     def predict(images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, dtype=np.uint8)
-        if images.ndim == len(model.image_shape):  # (N, H, W): add the channel axis
+        if images.ndim == len(first.image_shape):  # (N, H, W): add the channel axis
             images = images[..., None]
-        if images.shape[1:] != model.image_shape:
-            raise ValueError(f"images of shape {images.shape[1:]} given to a model of {model.image_shape}")
+        if images.shape[1:] != first.image_shape:
+            raise ValueError(f"images of shape {images.shape[1:]} given to a model of {first.image_shape}")
         count = len(images)
         chunk = min(batch_size, 1 << max(count - 1, 0).bit_length())  # power-of-two buckets: few compilations
-        padded = np.zeros((-(-count // chunk) * chunk, *model.image_shape), np.uint8)
+        padded = np.zeros((-(-count // chunk) * chunk, *first.image_shape), np.uint8)
         padded[:count] = images
-        outputs = [probabilities(jnp.asarray(padded[i : i + chunk])) for i in range(0, len(padded), chunk)]
-        return np.concatenate(jax.device_get(outputs))[:count] if outputs else np.zeros((0, len(model.class_names)))
+        outputs = [probabilities(variables, jnp.asarray(padded[i : i + chunk])) for i in range(0, len(padded), chunk)]
+        return np.concatenate(jax.device_get(outputs))[:count] if outputs else np.zeros((0, len(first.class_names)))
 
     return predict

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mnist_jax import checkpoint, data, sharding, steps, workdir
-from mnist_jax.cli import ArgumentParser, add_config_flags, config_from_args, given_fields, run_cli
+from mnist_jax.cli import ArgumentParser, add_config_flags, add_preset_flag, config_from_args, given_fields, run_cli
 from mnist_jax.config import Config, UserError, incompatible_fields, validate
 from mnist_jax.model import build_model
 from mnist_jax.optim import learning_rate_schedule, make_optimizer
@@ -217,6 +217,7 @@ def build_parser(prog: str, description: str, epilog: str) -> ArgumentParser:
     parser.add_argument("--devices", type=int,
                         help="devices to split each batch over (default: all JAX sees; on CPU, one per core)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (one log line per epoch)")
+    add_preset_flag(parser)
     add_config_flags(parser)
     return parser
 

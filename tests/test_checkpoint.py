@@ -23,7 +23,8 @@ def trained_state(config=Config(), n_steps=2):
 
 def meta(config, epoch, accuracy):
     # Epoch e ends at step e + 1 in these tests (one step before the first save, then one per epoch).
-    history = [{"epoch": e, "step": e + 1, "test_accuracy": accuracy[e - 1]} for e in range(1, epoch + 1)]
+    history = [{"epoch": e, "step": e + 1, "validation_accuracy": accuracy[e - 1], "test_accuracy": 1 - accuracy[e - 1]}
+               for e in range(1, epoch + 1)]
     return {"config": config.__dict__ | {"conv_features": list(config.conv_features),
                                          "dense_features": list(config.dense_features)},
             "class_names": [str(i) for i in range(10)], "image_shape": [28, 28, 1],
@@ -77,6 +78,19 @@ def test_keeps_the_latest_few_and_the_best(tmp_path):
     assert checkpoint.resolve_step(manager, "5") == 5
     with pytest.raises(UserError, match="--checkpoint"):
         checkpoint.resolve_step(manager, "4")
+
+
+def test_without_validation_best_is_the_latest_never_chosen_on_test(tmp_path):
+    config = Config()
+    manager = checkpoint.open_manager(str(tmp_path), keep=1)
+    state = trained_state(config, 1)
+    for epoch, test_accuracy in enumerate([0.5, 0.9, 0.6], start=1):
+        state, _ = steps.train_step(state, fixed_batch())
+        history = [{"epoch": e, "step": e + 1, "test_accuracy": a} for e, a in enumerate([0.5, 0.9, 0.6][:epoch], 1)]
+        checkpoint.save(manager, state, {**meta(config, epoch, [0.0] * epoch), "history": history})
+    assert checkpoint.resolve_step(manager, "best") == checkpoint.resolve_step(manager, "latest") == 4
+    assert sorted(manager.all_steps()) == [4]  # the test-best epoch 2 was not kept as "best"
+    manager.close()
 
 
 def test_restore_model_for_inference(tmp_path):

@@ -1,5 +1,6 @@
 """`python -m mnist_jax.evaluate` on a trained workdir, and its metrics against scikit-learn."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,9 +10,11 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 
 from mnist_jax.checkpoint import restore_model
 from mnist_jax.data import load_split_numpy
+from mnist_jax.config import UserError
 from mnist_jax.evaluate import evaluate
+from mnist_jax.inference import check_same_task
 
-from conftest import TINY, run_module
+from conftest import TINY, TINY_FLAGS, run_module
 
 PLOTS = ("confusion_matrix.png", "samples.png", "mistakes.png", "per_class.png")
 
@@ -75,3 +78,64 @@ def test_evaluate_real_mnist(mnist_run, shared_data_dir):
     assert report["accuracy"] > 0.97  # one epoch of the default recipe; chance is 0.1
     saved = np.load(mnist_run / "eval" / "test" / "predictions.npz")
     assert_matches_sklearn(report, saved["labels"], saved["predictions"], 10)
+
+
+@pytest.fixture(scope="module")
+def second_tiny_run(tmp_path_factory, tiny_data_dir):
+    """Another model of the same task (another seed, a wider net): an ensemble member unlike tiny_run."""
+    path = tmp_path_factory.mktemp("second") / "run"
+    result = run_module("mnist_jax.train", "--workdir", path, "--data-dir", tiny_data_dir, *TINY_FLAGS,
+                        "--epochs", "2", "--seed", "1", "--conv-features", "16,32")
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def test_ensemble_of_one_equals_that_models_evaluation(tiny_run, tiny_data_dir, tmp_path):
+    result = run_module("mnist_jax.evaluate", "--ensemble", tiny_run, "--workdir", tmp_path / "one",
+                        "--data-dir", tiny_data_dir)
+    assert result.returncode == 0, result.stderr
+    assert "ensemble of 1: accuracy" in result.stdout
+    single = evaluate(str(tiny_run), "test", "best", str(tiny_data_dir), out_dir=str(tmp_path / "single"))
+    out = tmp_path / "one" / "eval" / "test"
+    ensemble = json.loads((out / "report.json").read_text())
+    assert ensemble == json.loads(json.dumps(single))
+    for key in ("labels", "predictions", "probabilities"):
+        np.testing.assert_array_equal(np.load(out / "predictions.npz")[key],
+                                      np.load(tmp_path / "single" / "predictions.npz")[key])
+    assert all((out / name).exists() for name in PLOTS)
+
+
+def test_ensemble_averages_its_members_probabilities(tiny_run, second_tiny_run, tiny_data_dir, tmp_path):
+    result = run_module("mnist_jax.evaluate", "--ensemble", tiny_run, second_tiny_run, "--workdir", tmp_path / "ens",
+                        "--data-dir", tiny_data_dir)
+    assert result.returncode == 0, result.stderr
+    assert "ensemble of 2: accuracy" in result.stdout
+    images, labels = load_split_numpy(TINY, "test", str(tiny_data_dir))
+    members = []
+    for path in (tiny_run, second_tiny_run):  # each member applied on its own, softmax in numpy
+        model = restore_model(str(path), "best")
+        logits = np.asarray(model.module.apply(model.variables, images), np.float64)
+        members.append(np.exp(logits - logits.max(-1, keepdims=True)))
+        members[-1] /= members[-1].sum(-1, keepdims=True)
+    expected = np.mean(members, axis=0)
+    saved = np.load(tmp_path / "ens" / "eval" / "test" / "predictions.npz")
+    np.testing.assert_allclose(saved["probabilities"], expected, atol=1e-5)
+    np.testing.assert_array_equal(saved["predictions"], expected.argmax(-1))
+    report = json.loads((tmp_path / "ens" / "eval" / "test" / "report.json").read_text())
+    assert [m["workdir"] for m in report["members"]] == [str(tiny_run), str(second_tiny_run)]
+    assert "checkpoint_step" not in report
+    assert_matches_sklearn(report, labels, saved["predictions"], 10)
+
+
+def test_ensemble_members_must_share_a_dataset(tiny_run, tiny_data_dir, tmp_path):
+    model = restore_model(str(tiny_run), "best")
+    other = dataclasses.replace(model, config=dataclasses.replace(model.config, dataset="tiny_five"),
+                                class_names=model.class_names[:5])
+    with pytest.raises(UserError, match="ensemble members must share a dataset: tiny_digits"):
+        check_same_task([model, other])
+    result = run_module("mnist_jax.evaluate", "--ensemble", tiny_run, "--workdir", tiny_run,
+                        "--data-dir", tiny_data_dir)
+    assert result.returncode == 2 and "is one of the ensemble's members" in result.stderr
+    missing = run_module("mnist_jax.evaluate", "--ensemble", tiny_run, tmp_path / "nope", "--workdir", tmp_path / "o")
+    assert missing.returncode == 2 and "no checkpoints found" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -1,9 +1,11 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mnist_jax.config import Config
-from mnist_jax.model import CNN, build_model, count_params
+from mnist_jax.model import CNN, BatchNorm, build_model, count_params
 
 
 def init(model, shape=(2, 28, 28, 1)):
@@ -68,3 +70,44 @@ def test_model_normalises_raw_pixels():
 def test_number_of_classes(classes):
     model = build_model(Config(), classes, 0.0, 1.0)
     assert model.apply(init(model), jnp.zeros((3, 28, 28, 1), jnp.uint8)).shape == (3, classes)
+
+
+def test_convs_per_block_stacks_convs_before_each_pooling():
+    params = init(build_model(Config(conv_features=(8, 16), convs_per_block=2, dense_features=(32,)), 10, 0.0, 1.0))
+    shapes = {name: layer["kernel"].shape for name, layer in params["params"].items()}
+    assert shapes == {"Conv_0": (3, 3, 1, 8), "Conv_1": (3, 3, 8, 8), "Conv_2": (3, 3, 8, 16),
+                      "Conv_3": (3, 3, 16, 16), "Dense_0": (7 * 7 * 16, 32), "Dense_1": (32, 10)}
+
+
+def _apply_norm(norm, x, variables, train):
+    return norm.apply(variables, x, train, mutable=["batch_stats"] if train else False)
+
+
+def test_one_group_batch_norm_is_flax_batch_norm():
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 5, 5, 3)) * 3 + 1
+    ours, theirs = BatchNorm(groups=1), nn.BatchNorm(momentum=0.9)
+    variables = ours.init(jax.random.PRNGKey(0), x, False)
+    assert jax.tree_util.tree_map(jnp.shape, variables) == jax.tree_util.tree_map(
+        jnp.shape, theirs.init(jax.random.PRNGKey(0), x, use_running_average=True))
+    y, updates = _apply_norm(ours, x, variables, True)
+    y_ref, updates_ref = theirs.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(updates["batch_stats"][name], updates_ref["batch_stats"][name], rtol=1e-5)
+    trained = {"params": variables["params"], **updates}
+    np.testing.assert_allclose(_apply_norm(ours, x, trained, False),
+                               theirs.apply(trained, x, use_running_average=True), atol=1e-5)
+
+
+def test_grouped_batch_norm_normalises_each_slice_with_its_own_statistics():
+    x = jax.random.normal(jax.random.PRNGKey(2), (8, 4, 4, 3)) * jnp.array([1.0, 2.0, 5.0]) + 7
+    norm = BatchNorm(groups=2)
+    variables = norm.init(jax.random.PRNGKey(0), x, False)
+    y, updates = _apply_norm(norm, x, variables, True)
+    halves = [np.asarray(x[:4], np.float64), np.asarray(x[4:], np.float64)]
+    expected = [(h - h.mean((0, 1, 2))) / np.sqrt(h.var((0, 1, 2)) + 1e-5) for h in halves]
+    np.testing.assert_allclose(y, np.concatenate(expected), atol=1e-4)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * np.mean([h.mean((0, 1, 2)) for h in halves], 0),
+                               rtol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["var"],
+                               0.9 + 0.1 * np.mean([h.var((0, 1, 2)) for h in halves], 0), rtol=1e-5)

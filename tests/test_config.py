@@ -1,0 +1,49 @@
+"""Named presets (`--config default|strong`): one place, flags override them, config.json records the result."""
+
+import dataclasses
+import json
+
+import pytest
+
+from mnist_jax.config import PRESETS, Config, UserError, preset, validate
+
+from conftest import TINY_FLAGS, run_module
+
+
+def test_presets_are_valid_and_default_is_the_plain_config():
+    assert PRESETS["default"] == Config()
+    for config in PRESETS.values():
+        validate(config)
+    strong = PRESETS["strong"]
+    assert strong.batch_norm and strong.dropout_rate > 0 and strong.validation_fraction > 0
+    assert min(strong.augment_rotation, strong.augment_scale, strong.augment_shift) > 0
+    assert len(strong.conv_features) > len(Config().conv_features)
+    with pytest.raises(UserError, match="unknown --config 'huge'; choose one of: default, strong"):
+        preset("huge")
+
+
+def test_strong_preset_with_overrides_lands_in_config_json(tiny_data_dir, tmp_path):
+    workdir = tmp_path / "w"
+    result = run_module("mnist_jax.train", "--workdir", workdir, "--data-dir", tiny_data_dir, "--config", "strong",
+                        *TINY_FLAGS, "--epochs", "1", "--warmup-epochs", "0.5")
+    assert result.returncode == 0, result.stderr
+    saved = Config.from_dict(json.loads((workdir / "config.json").read_text()))
+    assert saved == dataclasses.replace(PRESETS["strong"], dataset="tiny_digits", batch_size=32, eval_batch_size=100,
+                                        epochs=1, warmup_epochs=0.5)
+    assert (workdir / "augmentations.png").exists()
+    metrics = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "validation_accuracy" in metrics
+
+    # Resuming needs no flags; another preset on the same workdir is refused, naming the fields.
+    again = run_module("mnist_jax.train", "--workdir", workdir, "--data-dir", tiny_data_dir, "--no-progress")
+    assert again.returncode == 0 and "run complete" in again.stdout
+    other = run_module("mnist_jax.train", "--workdir", workdir, "--data-dir", tiny_data_dir, "--config", "default",
+                       *TINY_FLAGS, "--epochs", "1", "--warmup-epochs", "0.5")
+    assert other.returncode == 2 and "holds a run with other settings" in other.stderr
+    assert "conv_features=(32, 64, 128) (asked (32, 64))" in other.stderr
+
+
+def test_unknown_preset_is_one_line_exit_2(tmp_path):
+    result = run_module("mnist_jax.train", "--workdir", tmp_path / "w", "--config", "huge")
+    assert result.returncode == 2 and "invalid choice: 'huge'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
