@@ -13,6 +13,7 @@ from typing import Any
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "one_cycle")
 FREEZE_CHOICES = ("none", "features")
+POOLINGS = ("avg", "max")
 
 
 def _field(default: Any, help_text: str, flag: bool = True) -> Any:
@@ -35,6 +36,7 @@ class Config:
     dataset: str = _field("mnist", "tfds dataset name (mnist, fashion_mnist, kmnist, ...)")
     conv_features: tuple[int, ...] = _field((32, 64), "widths of the 3x3 conv blocks, comma-separated")
     convs_per_block: int = _field(1, "3x3 convs in each conv block, before its 2x2 pooling")
+    pooling: str = _field("avg", f"2x2 pooling after each conv block, one of {', '.join(POOLINGS)}")
     dense_features: tuple[int, ...] = _field((256,), "widths of the hidden dense layers, comma-separated")
     dropout_rate: float = _field(0.0, "dropout after each hidden dense layer (0 disables)")
     batch_norm: bool = _field(False, "batch norm after every conv and hidden dense layer")
@@ -90,14 +92,15 @@ PRESETS: dict[str, Config] = {
     # with dropout, random affine augmentation in the train step, a longer one-cycle schedule, and a validation
     # slice on which the best checkpoint is chosen.
     "strong": Config(
-        conv_features=(32, 64, 128),
+        conv_features=(32, 64),
+        convs_per_block=2,
         batch_norm=True,
         batch_norm_groups=2,
         dropout_rate=0.3,
         augment_rotation=10.0,
         augment_scale=0.1,
         augment_shift=2.0,
-        epochs=20,
+        epochs=15,
         warmup_epochs=1.0,
         validation_fraction=0.1,
     ),
@@ -126,6 +129,8 @@ def validate(config: Config) -> None:
         raise UserError(f"--learning-rate must be > 0, got {config.learning_rate}")
     if config.dtype not in DTYPES:
         raise UserError(f"unknown dtype {config.dtype!r}; choose one of: {', '.join(DTYPES)}")
+    if config.pooling not in POOLINGS:
+        raise UserError(f"unknown pooling {config.pooling!r}; choose one of: {', '.join(POOLINGS)}")
     if config.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {config.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
     if config.schedule not in SCHEDULES:

@@ -19,7 +19,7 @@ from mnist_jax.data import normalize
 
 
 class CNN(nn.Module):
-    """Conv blocks ((conv 3x3 -> [batch norm] -> relu) x convs_per_block -> avg-pool 2), then dense blocks
+    """Conv blocks ((conv 3x3 -> [batch norm] -> relu) x convs_per_block -> avg- or max-pool 2), then dense blocks
     (dense -> [batch norm] -> relu -> [dropout]), then the classifier."""
 
     num_classes: int
@@ -27,6 +27,7 @@ class CNN(nn.Module):
     std: float
     conv_features: Sequence[int] = (32, 64)
     convs_per_block: int = 1
+    pooling: str = "avg"
     dense_features: Sequence[int] = (256,)
     dropout_rate: float = 0.0
     batch_norm: bool = False
@@ -45,7 +46,8 @@ class CNN(nn.Module):
                 x = nn.Conv(width, kernel_size=(3, 3), dtype=self.dtype)(x)
                 x = self._maybe_batch_norm(x, train)
                 x = nn.relu(x)
-            x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+            pool = nn.max_pool if self.pooling == "max" else nn.avg_pool
+            x = pool(x, window_shape=(2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         for width in self.dense_features:
             x = nn.Dense(width, dtype=self.dtype)(x)
@@ -105,6 +107,7 @@ def build_model(config: Config, num_classes: int, mean: float, std: float) -> CN
         std=std,
         conv_features=tuple(config.conv_features),
         convs_per_block=config.convs_per_block,
+        pooling=config.pooling,
         dense_features=tuple(config.dense_features),
         dropout_rate=config.dropout_rate,
         batch_norm=config.batch_norm,

@@ -8,7 +8,6 @@ state continues bit for bit where it stopped.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -105,10 +104,9 @@ def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
 
 # XLA:CPU runs this model's convolutions single-threaded and leaves bias adds, pooling gradients and the optax
 # update as separate loops. Its YNNPACK library fusions fold those into the convolution and dot kernels and
-# run them multi-threaded: +33% train-step throughput on one device of a 2-core CPU (README, "Performance").
-# They pay only where a device has several cores to spread kernels over (with one device per core, the default
-# on CPU, they gain nothing), and they cost batch-norm models 14-29%: the eltwise fusion materialises the
-# normalisation's broadcasts as whole tensors instead of fusing them into their consumers.
+# run them multi-threaded: +20-42% train-step throughput on one device of a 2-core CPU (README, "Performance").
+# They cost batch-norm models 14-29% instead: their eltwise fusion writes the normalisation's broadcasts out as
+# whole tensors rather than fusing them into their consumers, so those models compile without them.
 _CPU_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": ",".join(
         f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("DOT", "ELTWISE", "REDUCE", "INDIVIDUAL_CONVOLUTION")
@@ -116,18 +114,14 @@ _CPU_OPTIONS = {
 }
 
 
-def compiler_options(backend: str, cores_per_device: int = 2, batch_norm: bool = False) -> dict[str, str]:
-    """XLA options for the step functions: YNNPACK fusions on CPU when they pay (see above); none on GPU/TPU."""
-    if backend == "cpu" and cores_per_device > 1 and not batch_norm:
-        return dict(_CPU_OPTIONS)
-    return {}
+def compiler_options(backend: str, batch_norm: bool = False) -> dict[str, str]:
+    """XLA options for the step functions: YNNPACK fusions on CPU unless the model has batch norm; none on GPU/TPU."""
+    return dict(_CPU_OPTIONS) if backend == "cpu" and not batch_norm else {}
 
 
 def compile_for_backend(jitted: Any, state: TrainState, *example_args: Any) -> Any:
-    """Ahead-of-time compiles a jitted step for these arguments with the XLA options that pay for them."""
-    devices = len(jax.tree_util.tree_leaves(example_args)[0].sharding.device_set)
-    cores_per_device = (os.cpu_count() or 1) // max(devices, 1)
-    options = compiler_options(jax.default_backend(), cores_per_device, batch_norm=bool(state.batch_stats))
+    """Ahead-of-time compiles a jitted step for these arguments with the backend's XLA options for this model."""
+    options = compiler_options(jax.default_backend(), batch_norm=bool(state.batch_stats))
     return jitted.lower(state, *example_args).compile(options)
 
 

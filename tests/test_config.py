@@ -17,7 +17,8 @@ def test_presets_are_valid_and_default_is_the_plain_config():
     strong = PRESETS["strong"]
     assert strong.batch_norm and strong.dropout_rate > 0 and strong.validation_fraction > 0
     assert min(strong.augment_rotation, strong.augment_scale, strong.augment_shift) > 0
-    assert len(strong.conv_features) > len(Config().conv_features)
+    default = Config()
+    assert len(strong.conv_features) * strong.convs_per_block > len(default.conv_features) * default.convs_per_block
     with pytest.raises(UserError, match="unknown --config 'huge'; choose one of: default, strong"):
         preset("huge")
 
@@ -40,7 +41,7 @@ def test_strong_preset_with_overrides_lands_in_config_json(tiny_data_dir, tmp_pa
     other = run_module("mnist_jax.train", "--workdir", workdir, "--data-dir", tiny_data_dir, "--config", "default",
                        *TINY_FLAGS, "--epochs", "1", "--warmup-epochs", "0.5")
     assert other.returncode == 2 and "holds a run with other settings" in other.stderr
-    assert "conv_features=(32, 64, 128) (asked (32, 64))" in other.stderr
+    assert "convs_per_block=2 (asked 1)" in other.stderr and "batch_norm=True (asked False)" in other.stderr
 
 
 def test_unknown_preset_is_one_line_exit_2(tmp_path):

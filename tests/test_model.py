@@ -79,6 +79,19 @@ def test_convs_per_block_stacks_convs_before_each_pooling():
                       "Conv_3": (3, 3, 16, 16), "Dense_0": (7 * 7 * 16, 32), "Dense_1": (32, 10)}
 
 
+def test_max_pooling_keeps_each_window_maximum():
+    config = Config(conv_features=(4,), dense_features=(), pooling="max")
+    model = build_model(config, 10, 0.0, 1.0)
+    variables = init(model)
+    images = jax.random.randint(jax.random.PRNGKey(3), (2, 28, 28, 1), 0, 256).astype(jnp.uint8)
+    _, captured = model.apply(variables, images, capture_intermediates=True)
+    conv = jax.nn.relu(captured["intermediates"]["Conv_0"]["__call__"][0])
+    expected = conv.reshape(2, 14, 2, 14, 2, 4).max(axis=(2, 4)).reshape(2, -1)
+    head = variables["params"]["Dense_0"]
+    np.testing.assert_allclose(model.apply(variables, images), expected @ head["kernel"] + head["bias"], rtol=1e-5,
+                               atol=1e-4)
+
+
 def _apply_norm(norm, x, variables, train):
     return norm.apply(variables, x, train, mutable=["batch_stats"] if train else False)
 
