@@ -88,9 +88,9 @@ class Config:
 PRESETS: dict[str, Config] = {
     # The Flax example's CNN with a fast recipe: 99.3-99.4% on MNIST in about a minute on a 2-core CPU.
     "default": Config(),
-    # Near the state of the art for a single CNN (99.7%+ on MNIST; README, "Accuracy"): a deeper batch-norm CNN
-    # with dropout, random affine augmentation in the train step, a longer one-cycle schedule, and a validation
-    # slice on which the best checkpoint is chosen.
+    # A deeper batch-norm CNN with dropout, random affine augmentation in the train step, a longer one-cycle
+    # schedule, and a validation slice on which the best checkpoint is chosen: 99.64% on MNIST (median of 3
+    # seeds) in ~19.5 minutes on a 2-core CPU (README, "Accuracy").
     "strong": Config(
         conv_features=(32, 64),
         convs_per_block=2,
