@@ -16,13 +16,15 @@ FREEZE_CHOICES = ("none", "features")
 POOLINGS = ("avg", "max")
 
 
-def _field(default: Any, help_text: str, flag: bool = True) -> Any:
+def _field(default: Any, help_text: str, flag: bool = True, architecture: bool = False) -> Any:
     """A config field whose help text the command line shows: the config is the one place flags are defined.
 
     `flag=False` keeps a field off the generic flags: it is set by a dedicated tool (`transfer_from` and `freeze`
     by `python -m mnist_jax.transfer`), so `train` cannot record a setting it would not honour.
+    `architecture=True` marks what shapes the parameters or the forward pass: a transfer run inherits those.
     """
-    return dataclasses.field(default=default, metadata={"help": help_text, "flag": flag})
+    return dataclasses.field(default=default, metadata={"help": help_text, "flag": flag,
+                                                         "architecture": architecture})
 
 
 class UserError(Exception):
@@ -34,16 +36,20 @@ class Config:
     """Hyperparameters of one run. The defaults are the recipe the README quotes (99.2%+ on MNIST)."""
 
     dataset: str = _field("mnist", "tfds dataset name (mnist, fashion_mnist, kmnist, ...)")
-    conv_features: tuple[int, ...] = _field((32, 64), "widths of the 3x3 conv blocks, comma-separated")
-    convs_per_block: int = _field(1, "3x3 convs in each conv block, before its 2x2 pooling")
-    pooling: str = _field("avg", f"2x2 pooling after each conv block, one of {', '.join(POOLINGS)}")
-    dense_features: tuple[int, ...] = _field((256,), "widths of the hidden dense layers, comma-separated")
-    dropout_rate: float = _field(0.0, "dropout after each hidden dense layer (0 disables)")
-    batch_norm: bool = _field(False, "batch norm after every conv and hidden dense layer")
+    conv_features: tuple[int, ...] = _field((32, 64), "widths of the 3x3 conv blocks, comma-separated",
+                                            architecture=True)
+    convs_per_block: int = _field(1, "3x3 convs in each conv block, before its 2x2 pooling", architecture=True)
+    pooling: str = _field("avg", f"2x2 pooling after each conv block, one of {', '.join(POOLINGS)}",
+                          architecture=True)
+    dense_features: tuple[int, ...] = _field((256,), "widths of the hidden dense layers, comma-separated",
+                                             architecture=True)
+    dropout_rate: float = _field(0.0, "dropout after each hidden dense layer (0 disables)", architecture=True)
+    batch_norm: bool = _field(False, "batch norm after every conv and hidden dense layer", architecture=True)
     batch_norm_groups: int = _field(
         1, "batch-norm statistics per this many equal slices of each training batch (ghost batch norm); "
-        "a multiple of the device count keeps them off the interconnect")
-    dtype: str = _field("float32", "computation dtype, float32 or bfloat16 (parameters stay float32)")
+        "a multiple of the device count keeps them off the interconnect", architecture=True)
+    dtype: str = _field("float32", "computation dtype, float32 or bfloat16 (parameters stay float32)",
+                        architecture=True)
     optimizer: str = _field("adamw", f"one of {', '.join(OPTIMIZERS)}")
     learning_rate: float = _field(3e-3, "peak learning rate of the schedule")
     schedule: str = _field("one_cycle", f"learning-rate schedule, one of {', '.join(SCHEDULES)}")
@@ -105,6 +111,9 @@ PRESETS: dict[str, Config] = {
         validation_fraction=0.1,
     ),
 }
+
+
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["architecture"])
 
 
 def preset(name: str) -> Config:

@@ -20,12 +20,9 @@ import jax.numpy as jnp
 
 from mnist_jax import checkpoint, data, sharding, steps, workdir
 from mnist_jax.cli import config_from_args, given_fields, run_cli
-from mnist_jax.config import FREEZE_CHOICES, Config, UserError, validate
+from mnist_jax.config import ARCHITECTURE_FIELDS, FREEZE_CHOICES, Config, UserError, validate
 from mnist_jax.model import head_name
 from mnist_jax.train import build_parser, report_final, resolve_config, run_options, train_and_evaluate
-
-# What a transfer run inherits from its source: everything that shapes the parameters or the forward pass.
-ARCHITECTURE_FIELDS = ("conv_features", "dense_features", "batch_norm", "dropout_rate", "dtype")
 
 
 def load_source(source_dir: str) -> checkpoint.RestoredModel:
@@ -51,7 +48,8 @@ def check_compatible(source: checkpoint.RestoredModel, dataset: str, image_shape
 
 
 def transfer_config(source: Config, requested: Config, given: set[str], source_dir: str, freeze: str) -> Config:
-    """The new run's config: the source's architecture, the requested training settings, and the provenance."""
+    """The new run's config: the source's architecture (`config.ARCHITECTURE_FIELDS`), the requested training
+    settings, and the provenance."""
     conflicts = [n for n in ARCHITECTURE_FIELDS if n in given and getattr(requested, n) != getattr(source, n)]
     if conflicts:
         details = ", ".join(f"{n}={getattr(source, n)!r} (asked {getattr(requested, n)!r})" for n in conflicts)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mnist_jax import data, transfer
 from mnist_jax.checkpoint import restore_model
-from mnist_jax.config import Config, UserError, validate
+from mnist_jax.config import ARCHITECTURE_FIELDS, PRESETS, Config, UserError, validate
 from mnist_jax.evaluate import evaluate
 from mnist_jax.predict import predict_files
 
@@ -189,3 +189,15 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_2(tiny_run, tiny_var
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_transfer_inherits_every_architecture_field_of_the_source():
+    """The strong preset's architecture (two convs per block, grouped batch norm) comes over whole."""
+    source = PRESETS["strong"]
+    config = transfer.transfer_config(source, Config(dataset="kmnist"), {"dataset"}, "/runs/src", "features")
+    assert {name: getattr(config, name) for name in ARCHITECTURE_FIELDS} == {
+        name: getattr(source, name) for name in ARCHITECTURE_FIELDS}
+    assert {"convs_per_block", "pooling", "batch_norm_groups"} <= set(ARCHITECTURE_FIELDS)
+    assert config.dataset == "kmnist" and config.epochs == Config().epochs and config.freeze == "features"
+    with pytest.raises(UserError, match=r"convs_per_block=2 \(asked 1\)"):
+        transfer.transfer_config(source, Config(), {"convs_per_block"}, "/runs/src", "none")
