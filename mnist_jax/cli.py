@@ -61,7 +61,8 @@ def add_preset_flag(parser: argparse.ArgumentParser) -> None:
                              "override single fields (default: default)")
 
 
-def _flags_given(args: argparse.Namespace) -> set[str]:
+def flags_given(args: argparse.Namespace) -> set[str]:
+    """The Config fields set by a flag on this command line."""
     return {f.name for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
 
 
@@ -69,14 +70,14 @@ def given_fields(args: argparse.Namespace) -> set[str]:
     """The Config fields the user chose on the command line: the flags given, and with --config every field
     that has a flag (a preset states them all, so resuming another run's workdir with it is caught)."""
     if getattr(args, "config", None):
-        return _flags_given(args) | {f.name for f in dataclasses.fields(Config) if f.metadata.get("flag", True)}
-    return _flags_given(args)
+        return flags_given(args) | {f.name for f in dataclasses.fields(Config) if f.metadata.get("flag", True)}
+    return flags_given(args)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The chosen preset (default: Config()) with every flag the user gave applied on top."""
     base = preset(args.config) if getattr(args, "config", None) else Config()
-    return dataclasses.replace(base, **{name: getattr(args, name) for name in _flags_given(args)})
+    return dataclasses.replace(base, **{name: getattr(args, name) for name in flags_given(args)})
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mnist_jax import sharding, workdir
-from mnist_jax.cli import config_from_args, flag_type, given_fields, run_cli
+from mnist_jax.cli import config_from_args, flag_type, flags_given, run_cli
 from mnist_jax.config import Config, UserError, validate
 from mnist_jax.train import build_parser, resolve_config, run_options, train_and_evaluate
 
@@ -127,8 +127,12 @@ def _jsonable(plan: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ results
+def trial_name(number: int) -> str:
+    return f"trial-{number:03d}"
+
+
 def trial_dir(sweep_dir: str, number: int) -> str:
-    return os.path.join(sweep_dir, f"trial-{number:03d}")
+    return os.path.join(sweep_dir, trial_name(number))
 
 
 def wall_seconds(history: list[dict[str, Any]]) -> float:
@@ -145,7 +149,7 @@ def summarize(number: int, overrides: dict[str, Any], config: Config, history: l
     """One results row: the trial's values and its best epoch by validation accuracy (test read at that epoch)."""
     best = max(history, key=lambda e: (e["validation_accuracy"], -e["epoch"]))
     return {
-        "trial": f"trial-{number:03d}",
+        "trial": trial_name(number),
         **{name: _text(value) for name, value in overrides.items()},
         "validation_accuracy": best["validation_accuracy"],
         "test_accuracy": best["test_accuracy"],
@@ -238,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sharding.use_every_cpu_core()
     grid = parse_grid(args.grid)
-    both = sorted(set(grid) & {name for name in given_fields(args) if getattr(args, name) is not None})
+    both = sorted(set(grid) & flags_given(args))
     if both:
         raise UserError(f"{', '.join(both)} given both as a flag and in --grid; keep one")
     if args.random is not None and args.random <= 0:
