@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mnist_jax.augment import AffineRange, random_affine
+from mnist_jax.augment import Augmentation, random_warp
 from mnist_jax.config import Config
 from mnist_jax.data import normalize
 
@@ -33,13 +33,13 @@ class CNN(nn.Module):
     batch_norm: bool = False
     batch_norm_groups: int = 1
     dtype: str = "float32"  # computation dtype; parameters are float32 either way
-    augment: AffineRange = AffineRange()  # random affine warps in training only, from the 'augment' PRNG stream
+    augment: Augmentation = Augmentation()  # random warps in training only, from the 'augment' PRNG stream
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         """uint8 images (B, H, W, C) -> logits (B, num_classes)."""
         if train and self.augment.enabled:
-            images = random_affine(self.make_rng("augment"), images, self.augment)
+            images = random_warp(self.make_rng("augment"), images, self.augment)
         x = normalize(images, self.mean, self.std).astype(self.dtype)
         for width in self.conv_features:
             for _ in range(self.convs_per_block):
@@ -113,7 +113,8 @@ def build_model(config: Config, num_classes: int, mean: float, std: float) -> CN
         batch_norm=config.batch_norm,
         batch_norm_groups=config.batch_norm_groups,
         dtype=config.dtype,
-        augment=AffineRange(config.augment_rotation, config.augment_scale, config.augment_shift),
+        augment=Augmentation(config.augment_rotation, config.augment_scale, config.augment_shift,
+                             config.augment_elastic_alpha, config.augment_elastic_sigma),
     )
 
 

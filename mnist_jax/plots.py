@@ -243,7 +243,7 @@ def plot_augmentations(originals: ArrayLike, augmented: ArrayLike, path: str | o
     titles = ["original"] * len(originals) + [f"augmented {i + 1}" for i in range(len(versions))
                                               for _ in range(len(originals))]
     figure = _image_grid(images, titles, ["black"] * len(images), len(originals),
-                         "Training augmentation: random rotation, scale and shift per example")
+                         "Training augmentation: each example warped by its own random transform")
     _save_atomically(figure, path)
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from mnist_jax import checkpoint, data, sharding, steps, workdir
 from mnist_jax.cli import ArgumentParser, add_config_flags, add_preset_flag, config_from_args, given_fields, run_cli
 from mnist_jax.config import Config, UserError, incompatible_fields, validate
+from mnist_jax.augment import Augmentation, random_warp
 from mnist_jax.model import build_model
 from mnist_jax.optim import learning_rate_schedule, make_optimizer
 
@@ -139,7 +140,14 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
     if not on_device:  # steps.train_step, compiled once with this backend's XLA options
         example_batch = take(dataset.train, np.arange(config.batch_size))
         train_fn = steps.compile_for_backend(steps.train_step, state, example_batch)
+    augmenting = model.augment.enabled
     for epoch in range(len(history) + 1, config.epochs + 1):
+        if augmenting and epoch > config.epochs - config.clean_final_epochs:
+            # The last epochs see images as evaluation does, so weights and batch-norm statistics settle on them.
+            augmenting = False
+            state = state.replace(apply_fn=model.clone(augment=Augmentation()).apply)
+            if not on_device:
+                train_fn = steps.compile_for_backend(steps.train_step, state, example_batch)
         permutation = data.epoch_permutation(jax.random.fold_in(shuffle_key, epoch), num_train, config.batch_size)
         if not on_device:
             permutation = np.asarray(permutation)  # rows go to the device with each step: no slicing dispatch
@@ -194,11 +202,10 @@ def _field(step_metrics, name: str) -> np.ndarray:
 
 def _plot_augmentations(workdir_path: str, dataset: data.Dataset, model, key: jax.Array) -> None:
     """DIR/augmentations.png: eight training images and three random augmentations of each."""
-    from mnist_jax.augment import random_affine
     from mnist_jax.plots import plot_augmentations
 
     originals = np.asarray(dataset.train.images[:8])
-    versions = [np.asarray(random_affine(k, originals, model.augment)).round().astype(np.uint8)
+    versions = [np.asarray(random_warp(k, originals, model.augment)).round().astype(np.uint8)
                 for k in jax.random.split(key, 3)]
     plot_augmentations(originals, np.stack(versions), os.path.join(workdir_path, "augmentations.png"))
 

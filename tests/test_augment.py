@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mnist_jax import steps
-from mnist_jax.augment import AffineRange, random_affine, warp
-from mnist_jax.config import Config
+from mnist_jax.augment import Augmentation, elastic_displacements, gaussian_blur_matrix, random_warp, warp
+from mnist_jax.config import Config, UserError, validate
 from mnist_jax.model import build_model
 from mnist_jax.optim import make_optimizer
 
@@ -21,8 +22,42 @@ def test_no_rotation_unit_scale_no_shift_is_the_identity():
     batch = images()
     out = jax.vmap(warp)(batch.astype(jnp.float32), jnp.zeros(16), jnp.ones(16), jnp.zeros((16, 2)))
     np.testing.assert_allclose(np.asarray(out), np.asarray(batch, np.float32), atol=1e-4)
-    zero = random_affine(jax.random.PRNGKey(0), batch, AffineRange(0.0, 0.0, 0.0))
+    zero = random_warp(jax.random.PRNGKey(0), batch, Augmentation(0.0, 0.0, 0.0))
     np.testing.assert_allclose(np.asarray(zero), np.asarray(batch, np.float32), atol=1e-4)
+
+
+def test_elastic_distortion_with_zero_alpha_is_the_identity():
+    batch = images()
+    zero = random_warp(jax.random.PRNGKey(0), batch, Augmentation(elastic_alpha=0.0, elastic_sigma=4.0))
+    np.testing.assert_allclose(np.asarray(zero), np.asarray(batch, np.float32), atol=1e-4)
+    still = jax.vmap(warp)(batch.astype(jnp.float32), jnp.zeros(16), jnp.ones(16), jnp.zeros((16, 2)),
+                           jnp.zeros((16, 2, 28, 28)))
+    np.testing.assert_allclose(np.asarray(still), np.asarray(batch, np.float32), atol=1e-4)
+
+
+def test_the_blur_matrix_is_scipys_gaussian_filter():
+    from scipy.ndimage import gaussian_filter
+
+    noise = np.random.default_rng(0).uniform(-1, 1, (28, 28)).astype(np.float32)
+    for sigma in (1.0, 4.0, 6.0):
+        ours = gaussian_blur_matrix(28, sigma) @ noise @ gaussian_blur_matrix(28, sigma).T
+        np.testing.assert_allclose(ours, gaussian_filter(noise, sigma, mode="constant", cval=0.0), atol=1e-5)
+
+
+def test_elastic_fields_are_smooth_scaled_by_alpha_and_move_pixels():
+    key = jax.random.PRNGKey(3)
+    field = np.asarray(elastic_displacements(key, 64, 28, 28, alpha=34.0, sigma=4.0))
+    doubled = np.asarray(elastic_displacements(key, 64, 28, 28, alpha=68.0, sigma=4.0))
+    np.testing.assert_allclose(doubled, 2 * field, rtol=1e-5, atol=1e-6)
+    rms = float(np.sqrt((field[:, :, 7:21, 7:21] ** 2).mean()))  # centre: the zero padding damps the edges
+    assert 0.8 < rms < 2.5  # Simard's setting moves pixels by about 1.4 px
+    neighbour_step = np.abs(np.diff(field, axis=-1)).mean()
+    assert neighbour_step < 0.25 * np.abs(field).mean()  # smooth: neighbours move together
+    batch = images(8)
+    bent = np.asarray(random_warp(key, batch, Augmentation(elastic_alpha=34.0)))
+    assert bent.min() >= 0 and bent.max() <= 255
+    assert all(not np.allclose(bent[i], np.asarray(batch[i], np.float32), atol=1) for i in range(8))
+    np.testing.assert_array_equal(bent, np.asarray(random_warp(key, batch, Augmentation(elastic_alpha=34.0))))
 
 
 def test_an_integer_shift_moves_pixels_exactly():
@@ -40,16 +75,16 @@ def test_a_quarter_turn_rotates_about_the_centre():
 
 def test_outputs_stay_in_range_and_examples_get_different_transforms():
     batch = jnp.repeat(images(1), 8, axis=0)  # eight copies of one image
-    out = np.asarray(random_affine(jax.random.PRNGKey(1), batch, AffineRange(15.0, 0.1, 2.0)))
+    out = np.asarray(random_warp(jax.random.PRNGKey(1), batch, Augmentation(15.0, 0.1, 2.0)))
     assert out.min() >= 0 and out.max() <= 255
     assert len({out[i].tobytes() for i in range(8)}) == 8
 
 
 def test_the_same_key_gives_the_same_batch():
-    limits = AffineRange(10.0, 0.1, 2.0)
-    a = random_affine(jax.random.PRNGKey(7), images(), limits)
-    b = random_affine(jax.random.PRNGKey(7), images(), limits)
-    c = random_affine(jax.random.PRNGKey(8), images(), limits)
+    limits = Augmentation(10.0, 0.1, 2.0)
+    a = random_warp(jax.random.PRNGKey(7), images(), limits)
+    b = random_warp(jax.random.PRNGKey(7), images(), limits)
+    c = random_warp(jax.random.PRNGKey(8), images(), limits)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
 
@@ -78,9 +113,53 @@ def test_training_cli_with_augmentation_writes_what_the_model_sees(tiny_data_dir
     from conftest import TINY_FLAGS, run_module
 
     result = run_module("mnist_jax.train", "--workdir", tmp_path / "w", "--data-dir", tiny_data_dir, *TINY_FLAGS,
-                        "--epochs", "1", "--augment-rotation", "10", "--augment-scale", "0.1", "--augment-shift", "2")
+                        "--epochs", "1", "--augment-rotation", "10", "--augment-scale", "0.1", "--augment-shift", "2",
+                        "--augment-elastic-alpha", "34")
     assert result.returncode == 0, result.stderr
     with Image.open(tmp_path / "w" / "augmentations.png") as picture:
         assert picture.format == "PNG" and picture.width >= 300 and picture.height >= 300
     bad = run_module("mnist_jax.train", "--workdir", tmp_path / "x", "--augment-scale", "1.5")
     assert bad.returncode == 2 and "--augment-scale must be below 1" in bad.stderr
+    bad = run_module("mnist_jax.train", "--workdir", tmp_path / "x", "--augment-elastic-sigma", "0")
+    assert bad.returncode == 2 and "--augment-elastic-sigma must be > 0" in bad.stderr
+
+
+def test_clean_final_epochs_train_on_plain_images_and_resume_exactly(tiny_data_dir, tmp_path):
+    """The last epoch of a clean_final_epochs=1 run equals that epoch trained by an un-augmented config from the
+    same epoch-1 checkpoint, and resuming into the clean epoch reproduces the run bit for bit."""
+    import dataclasses
+    import shutil
+
+    from mnist_jax.checkpoint import restore_model
+    from mnist_jax.train import RunOptions, train_and_evaluate
+
+    from conftest import TINY
+
+    augmented = Config(dataset=TINY, batch_size=32, eval_batch_size=100, epochs=2, augment_rotation=10.0,
+                       augment_shift=2.0)
+    clean_last = dataclasses.replace(augmented, clean_final_epochs=1)
+    plain = dataclasses.replace(augmented, augment_rotation=0.0, augment_shift=0.0)
+
+    def run(config, name, start_from=None):
+        workdir = tmp_path / name
+        if start_from is not None:  # the same run stopped after epoch 1: drop epoch 2's checkpoint (step 40)
+            shutil.copytree(start_from, workdir)
+            shutil.rmtree(workdir / "checkpoints" / "40")
+        history = train_and_evaluate(config, RunOptions(workdir=str(workdir), data_dir=str(tiny_data_dir),
+                                                        devices=1, progress=False, plots=False))
+        leaves = jax.tree_util.tree_leaves(restore_model(str(workdir), "latest").variables)
+        return [{k: v for k, v in h.items() if k not in ("train_images_per_second", "elapsed_seconds")}
+                for h in history], [np.asarray(leaf) for leaf in leaves]
+
+    clean_history, clean_leaves = run(clean_last, "clean")
+    augmented_history, augmented_leaves = run(augmented, "augmented")
+    assert clean_history[0] == augmented_history[0]  # epoch 1 augments in both
+    assert clean_history[1]["train_loss"] != augmented_history[1]["train_loss"]
+    for name, config in (("plain-from-1", plain), ("resumed", clean_last)):
+        history, leaves = run(config, name, start_from=tmp_path / "clean")
+        assert history == clean_history, name
+        for a, b in zip(leaves, clean_leaves):
+            np.testing.assert_array_equal(a, b)
+    bad = dataclasses.replace(clean_last, clean_final_epochs=3)
+    with pytest.raises(UserError, match=r"--clean-final-epochs must be an integer from 0 to --epochs \(2\), got 3"):
+        validate(bad)

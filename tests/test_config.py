@@ -15,8 +15,9 @@ def test_presets_are_valid_and_default_is_the_plain_config():
     for config in PRESETS.values():
         validate(config)
     strong = PRESETS["strong"]
-    assert strong.batch_norm and strong.dropout_rate > 0 and strong.validation_fraction > 0
+    assert strong.batch_norm and strong.dropout_rate > 0 and 0 < strong.clean_final_epochs < strong.epochs
     assert min(strong.augment_rotation, strong.augment_scale, strong.augment_shift) > 0
+    assert strong.validation_fraction == 0  # trains on all 60k; sweeps hold out their own validation slice
     default = Config()
     assert len(strong.conv_features) * strong.convs_per_block > len(default.conv_features) * default.convs_per_block
     with pytest.raises(UserError, match="unknown --config 'huge'; choose one of: default, strong"):
@@ -26,11 +27,11 @@ def test_presets_are_valid_and_default_is_the_plain_config():
 def test_strong_preset_with_overrides_lands_in_config_json(tiny_data_dir, tmp_path):
     workdir = tmp_path / "w"
     result = run_module("mnist_jax.train", "--workdir", workdir, "--data-dir", tiny_data_dir, "--config", "strong",
-                        *TINY_FLAGS, "--epochs", "1", "--warmup-epochs", "0.5")
+                        *TINY_FLAGS, "--epochs", "3", "--warmup-epochs", "0.5", "--validation-fraction", "0.25")
     assert result.returncode == 0, result.stderr
     saved = Config.from_dict(json.loads((workdir / "config.json").read_text()))
     assert saved == dataclasses.replace(PRESETS["strong"], dataset="tiny_digits", batch_size=32, eval_batch_size=100,
-                                        epochs=1, warmup_epochs=0.5)
+                                        epochs=3, warmup_epochs=0.5, validation_fraction=0.25)
     assert (workdir / "augmentations.png").exists()
     metrics = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
     assert "validation_accuracy" in metrics
