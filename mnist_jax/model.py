@@ -70,6 +70,10 @@ class BatchNorm(nn.Module):
     N devices, N groups keep every statistic on its own device instead of all-reducing each layer's mean and
     variance forward and backward (a few percent of step time on two CPU devices), and the result depends on
     `groups`, never on the device count. Running averages (used at evaluation) average the groups.
+
+    The normalisation is one multiply-add per element, `x * a + b`, with the per-channel `a` and `b` folded from
+    the statistics, scale and bias first: 7% more training steps a second for the `strong` preset on a 2-core
+    CPU than `(x - mean) * rsqrt(var + eps) * scale + bias`, whose broadcasts XLA:CPU runs as separate passes.
     """
 
     groups: int = 1
@@ -84,19 +88,21 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,))
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
-        if train:
-            grouped = x.reshape((self.groups, -1) + x.shape[1:]).astype(jnp.float32)
-            axes = tuple(range(1, grouped.ndim - 1))
-            mean = grouped.mean(axes, keepdims=True)
-            var = jnp.maximum((grouped * grouped).mean(axes, keepdims=True) - mean * mean, 0.0)
-            y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-            if not self.is_initializing():
-                keep = self.momentum
-                running_mean.value = keep * running_mean.value + (1 - keep) * mean.reshape(-1, features).mean(0)
-                running_var.value = keep * running_var.value + (1 - keep) * var.reshape(-1, features).mean(0)
-        else:
-            y = (x.astype(jnp.float32) - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon)
-        return (y * scale + bias).astype(self.dtype)
+        if not train:
+            multiplier = scale * jax.lax.rsqrt(running_var.value + self.epsilon)
+            offset = bias - running_mean.value * multiplier
+            return (x.astype(jnp.float32) * multiplier + offset).astype(self.dtype)
+        grouped = x.reshape((self.groups, -1) + x.shape[1:]).astype(jnp.float32)
+        axes = tuple(range(1, grouped.ndim - 1))
+        mean = grouped.mean(axes, keepdims=True)
+        var = jnp.maximum((grouped * grouped).mean(axes, keepdims=True) - mean * mean, 0.0)
+        multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
+        offset = bias - mean * multiplier
+        if not self.is_initializing():
+            keep = self.momentum
+            running_mean.value = keep * running_mean.value + (1 - keep) * mean.reshape(-1, features).mean(0)
+            running_var.value = keep * running_var.value + (1 - keep) * var.reshape(-1, features).mean(0)
+        return (grouped * multiplier + offset).reshape(x.shape).astype(self.dtype)
 
 
 def build_model(config: Config, num_classes: int, mean: float, std: float) -> CNN:

@@ -10,6 +10,11 @@ interrupted one from its last checkpoint; results.csv, results.md and sweep.png 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # glibc reads its malloc tunables at start-up: restart now, before the heavy imports
+    from mnist_jax.hostmem import restart_with_huge_pages
+
+    restart_with_huge_pages()
+
 import argparse
 import csv
 import dataclasses

@@ -7,6 +7,11 @@ same workdir resumes from the latest checkpoint and reproduces the uninterrupted
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # glibc reads its malloc tunables at start-up: restart now, before the heavy imports
+    from mnist_jax.hostmem import restart_with_huge_pages
+
+    restart_with_huge_pages()
+
 import argparse
 import dataclasses
 import os

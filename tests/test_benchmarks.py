@@ -6,7 +6,7 @@ import sys
 
 from conftest import REPO, cli_env
 
-FIELDS = {"implementation", "batch_size", "dtype", "train_images_per_second", "eval_images_per_second",
+FIELDS = {"implementation", "config", "batch_size", "dtype", "train_images_per_second", "eval_images_per_second",
           "compile_seconds", "backend", "device_kind", "speedup_vs_reference"}
 
 
@@ -21,6 +21,7 @@ def test_step_throughput_json_on_a_tiny_run():
     for row in rows:
         assert set(row) == FIELDS
         assert row["batch_size"] == 8 and row["dtype"] == "float32" and row["backend"] == "cpu"
+        assert row["config"] == "default"
         assert row["train_images_per_second"] > 0 and row["eval_images_per_second"] > 0
         assert row["compile_seconds"] >= 0
     assert rows[0]["speedup_vs_reference"] == 1.0
@@ -34,6 +35,17 @@ def test_step_throughput_table():
         capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("backend cpu") and "train img/s" in lines[1]
+    assert lines[0].startswith("backend cpu") and lines[0].endswith("--config default") and "train img/s" in lines[1]
     assert lines[3].split()[:3] == ["reference", "4", "float32"]  # the reference is always the float32 loop
     assert lines[4].split()[:3] == ["per_step", "4", "bfloat16"]
+
+
+def test_step_throughput_of_a_batch_norm_preset_leaves_the_reference_out():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/step_throughput.py", "--config", "strong", "--batch-sizes", "4", "--steps", "1",
+         "--windows", "1", "--implementations", "reference", "per_step", "--json"],
+        capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["implementation"], r["config"]) for r in rows] == [("per_step", "strong")]
+    assert rows[0]["speedup_vs_reference"] is None and rows[0]["train_images_per_second"] > 0

@@ -1,0 +1,69 @@
+"""The training tools' restart onto glibc's huge-page malloc: when it happens, what it sets, that it keeps the process."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from mnist_jax.hostmem import OPT_OUT, THP_SETTING, huge_page_environment
+
+GLIBC = ("glibc", "2.36")
+MADVISE = "always [madvise] never\n"
+
+
+def test_adds_the_tunable_on_a_recent_glibc_with_transparent_huge_pages():
+    env = huge_page_environment({"PATH": "/bin"}, GLIBC, MADVISE)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert huge_page_environment({}, ("glibc", "2.35"), "[always] madvise never")["GLIBC_TUNABLES"] == \
+        "glibc.malloc.hugetlb=1"
+
+
+def test_keeps_the_users_other_tunables():
+    env = huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, GLIBC, MADVISE)
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+@pytest.mark.parametrize("environ, libc, thp", [
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, MADVISE),  # the user's own choice wins (and no loop)
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, GLIBC, MADVISE),  # already restarted
+    ({OPT_OUT: "0"}, GLIBC, MADVISE),                                 # opted out
+    ({}, ("glibc", "2.34"), MADVISE),                                 # glibc without the tunable
+    ({}, ("", ""), MADVISE),                                          # musl, or a libc Python cannot name
+    ({}, GLIBC, "always madvise [never]\n"),                          # huge pages disabled by the kernel
+    ({}, GLIBC, None),                                                # no THP support at all
+])
+def test_no_restart_where_it_cannot_help_or_is_already_done(environ, libc, thp):
+    assert huge_page_environment(environ, libc, thp) is None
+
+
+def _machine_supports_it() -> bool:
+    try:
+        with open(THP_SETTING) as f:
+            thp = f.read()
+    except OSError:
+        return False
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
+    return sys.platform.startswith("linux") and huge_page_environment(clean, platform.libc_ver(), thp) is not None
+
+
+SCRIPT = ("import os; from mnist_jax.hostmem import restart_with_huge_pages; restart_with_huge_pages(); "
+          "print(os.getpid(), os.environ.get('GLIBC_TUNABLES', ''))")
+
+
+def _run(extra_env: dict[str, str]) -> tuple[int, str, int]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)} | extra_env
+    process = subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = process.communicate(timeout=60)
+    pid, _, tunables = out.strip().partition(" ")
+    return int(pid), tunables, process.pid
+
+
+@pytest.mark.skipif(not _machine_supports_it(), reason="needs Linux with glibc >= 2.35 and transparent huge pages")
+def test_restart_sets_the_tunable_in_the_same_process():
+    pid, tunables, launched_pid = _run({})
+    assert tunables == "glibc.malloc.hugetlb=1"
+    assert pid == launched_pid  # exec, not a child: signals, kill -9 and exit codes reach the real process
+    pid, tunables, _ = _run({OPT_OUT: "0"})
+    assert tunables == ""
