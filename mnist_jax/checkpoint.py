@@ -1,6 +1,7 @@
 """Checkpoints: Orbax saves the whole training state each epoch; runs resume; models restore for inference.
 
-A checkpoint holds two items: `state` (params, batch statistics, optimiser state, step, PRNG key) and `meta`
+A checkpoint holds two items: `state` (params, batch statistics, optimiser state, step, PRNG key, and the moving
+average of the variables when the run keeps one) and `meta`
 (JSON: epoch, metrics history, normalisation constants, class names, config). Orbax writes each checkpoint to a
 temporary directory and renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
 """
@@ -55,13 +56,16 @@ def open_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Ch
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
-    return {
+    tree = {
         "step": state.step,
         "params": state.params,
         "batch_stats": state.batch_stats,
         "opt_state": state.opt_state,
         "rng": state.rng,
     }
+    if state.ema is not None:  # only then: checkpoints of runs without it keep their layout
+        tree["ema"] = state.ema
+    return tree
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -125,6 +129,7 @@ def restore_latest(workdir: str, manager: ocp.CheckpointManager, target: TrainSt
             batch_stats=tree["batch_stats"],
             opt_state=tree["opt_state"],
             rng=tree["rng"],
+            ema=tree.get("ema"),
         )
         return state, meta
     return None
@@ -188,9 +193,12 @@ def restore_model(workdir: str, checkpoint: str = "best") -> RestoredModel:
         raise UserError(f"checkpoint {step} in {directory} is unreadable: {str(error).splitlines()[0][:200]}")
     config = Config.from_dict(meta["config"])
     module = build_model(config, len(meta["class_names"]), meta["mean"], meta["std"])
-    variables = {"params": tree["params"]}
-    if tree.get("batch_stats"):
-        variables["batch_stats"] = tree["batch_stats"]
+    if "ema" in tree:  # the moving average is the run's model: what it evaluated and chose "best" on
+        variables = tree["ema"]
+    else:
+        variables = {"params": tree["params"]}
+        if tree.get("batch_stats"):
+            variables["batch_stats"] = tree["batch_stats"]
     return RestoredModel(
         module=module,
         variables=variables,

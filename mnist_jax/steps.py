@@ -1,8 +1,8 @@
 """The train and eval steps: pure, jitted functions of (state, batch).
 
 `train_step` is the heart of the project: state in, state out, no side effects. The training state carries
-everything a resumed run needs (params, batch-norm statistics, optimiser state, step, PRNG key), so a restored
-state continues bit for bit where it stopped.
+everything a resumed run needs (params, batch-norm statistics, optimiser state, step, PRNG key, and the moving
+average of the weights when the run keeps one), so a restored state continues bit for bit where it stopped.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from flax.training import train_state
 
 from mnist_jax.data import Split
@@ -23,31 +24,63 @@ Metrics = dict[str, jax.Array]
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState (step, params, opt_state, tx, apply_fn) plus batch-norm statistics and a PRNG key."""
+    """Flax's TrainState (step, params, opt_state, tx, apply_fn) plus batch-norm statistics, a PRNG key and,
+    with `ema_decay` > 0, `ema`: an exponential moving average of the variables, which is what evaluation uses."""
 
     batch_stats: Any
     rng: jax.Array
+    ema: Any = None  # {"params", ["batch_stats"]} averaged over the steps; None when ema_decay is 0
+    ema_decay: float = struct.field(pytree_node=False, default=0.0)
 
-    def variables(self) -> dict[str, Any]:
-        """The variables `apply_fn` needs: params, and batch statistics when the model has them."""
+    def trained_variables(self) -> dict[str, Any]:
+        """The variables the optimiser trains: params, and batch statistics when the model has them."""
         if self.batch_stats:
             return {"params": self.params, "batch_stats": self.batch_stats}
         return {"params": self.params}
 
+    def variables(self) -> dict[str, Any]:
+        """The variables evaluation and inference use: the moving average when the run keeps one."""
+        return self.ema if self.ema is not None else self.trained_variables()
+
 
 def create_train_state(
-    model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, image_shape: tuple[int, ...]
+    model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, image_shape: tuple[int, ...],
+    ema_decay: float = 0.0,
 ) -> TrainState:
-    """Initialises the model's variables and the optimiser from one PRNG key."""
+    """Initialises the model's variables and the optimiser from one PRNG key (and the moving average, if kept)."""
     init_key, state_key = jax.random.split(key)
     variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.uint8), train=False)
-    return TrainState.create(
+    state = TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         tx=tx,
         rng=state_key,
+        ema_decay=ema_decay,
+        ema={} if ema_decay > 0 else None,
     )
+    return restart_moving_average(state)
+
+
+def restart_moving_average(state: TrainState) -> TrainState:
+    """`state` whose moving average, if it keeps one, starts from its current variables (copies: the step
+    donates the state, and one buffer must not be donated twice)."""
+    if state.ema is None:
+        return state
+    return state.replace(ema=jax.tree_util.tree_map(jnp.copy, state.trained_variables()))
+
+
+def moving_average(state: TrainState) -> dict[str, Any]:
+    """The average after step t = `state.step`: ema <- d_t * ema + (1 - d_t) * variables.
+
+    d_t = d (1 - d^(t-1)) / (1 - d^t) is Adam's bias correction in recursive form: the result is the exponential
+    average with decay d of the steps' variables only, weights d^(t-s) renormalised to sum to one, so the random
+    initial weights never enter it (d_1 = 0) and `ema_decay` means what it says from the first step on.
+    """
+    decay, step = state.ema_decay, state.step.astype(jnp.float32)
+    step_decay = decay * (1.0 - decay ** (step - 1.0)) / (1.0 - decay ** step)
+    return jax.tree_util.tree_map(lambda average, new: step_decay * average + (1.0 - step_decay) * new,
+                                  state.ema, state.trained_variables())
 
 
 def _loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -72,6 +105,8 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
 
     (loss, (accuracy, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+    if state.ema is not None:
+        state = state.replace(ema=moving_average(state))
     return state, {"loss": loss, "accuracy": accuracy}
 
 

@@ -86,7 +86,8 @@ def transfer_params(state: steps.TrainState, source: checkpoint.RestoredModel) -
 
     params = merge(state.params, source.variables["params"])
     batch_stats = merge(state.batch_stats, source.variables.get("batch_stats", {})) if state.batch_stats else {}
-    return state.replace(params=params, batch_stats=batch_stats, opt_state=state.tx.init(params))
+    return steps.restart_moving_average(
+        state.replace(params=params, batch_stats=batch_stats, opt_state=state.tx.init(params)))
 
 
 def _shapes(tree) -> list[tuple[int, ...]]:

@@ -21,7 +21,7 @@ def fixed_batch(n=32, seed=0):
 def new_state(config=Config(), steps_per_epoch=10, seed=0):
     model = build_model(config, 10, 0.2, 0.3)
     return steps.create_train_state(model, make_optimizer(config, steps_per_epoch), jax.random.PRNGKey(seed),
-                                    (28, 28, 1))
+                                    (28, 28, 1), config.ema_decay)
 
 
 def copy(tree):
