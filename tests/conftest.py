@@ -141,5 +141,26 @@ def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.Comp
     )
 
 
+def train_in_process(config, data_dir: Path, workdir: Path, stopped_after_epoch_1_of: Path | None = None):
+    """Trains `config` (two 20-step epochs of tiny_digits) in this process on one device and returns its history
+    without the timing fields and its latest variables as numpy arrays. With `stopped_after_epoch_1_of`, the
+    workdir starts as a copy of that finished run without epoch 2's checkpoint (step 40), as if killed there."""
+    import shutil
+
+    import jax
+
+    from mnist_jax.checkpoint import restore_model
+    from mnist_jax.train import RunOptions, train_and_evaluate
+
+    if stopped_after_epoch_1_of is not None:
+        shutil.copytree(stopped_after_epoch_1_of, workdir)
+        shutil.rmtree(workdir / "checkpoints" / "40")
+    history = train_and_evaluate(config, RunOptions(workdir=str(workdir), data_dir=str(data_dir), devices=1,
+                                                    progress=False, plots=False))
+    leaves = jax.tree_util.tree_leaves(restore_model(str(workdir), "latest").variables)
+    return ([{k: v for k, v in h.items() if k not in ("train_images_per_second", "elapsed_seconds")}
+             for h in history], [np.asarray(leaf) for leaf in leaves])
+
+
 # Small, fast settings for CLI runs on tiny_digits.
 TINY_FLAGS = ("--dataset", TINY, "--batch-size", "32", "--eval-batch-size", "100", "--no-progress")

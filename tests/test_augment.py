@@ -128,12 +128,8 @@ def test_clean_final_epochs_train_on_plain_images_and_resume_exactly(tiny_data_d
     """The last epoch of a clean_final_epochs=1 run equals that epoch trained by an un-augmented config from the
     same epoch-1 checkpoint, and resuming into the clean epoch reproduces the run bit for bit."""
     import dataclasses
-    import shutil
 
-    from mnist_jax.checkpoint import restore_model
-    from mnist_jax.train import RunOptions, train_and_evaluate
-
-    from conftest import TINY
+    from conftest import TINY, train_in_process
 
     augmented = Config(dataset=TINY, batch_size=32, eval_batch_size=100, epochs=2, augment_rotation=10.0,
                        augment_shift=2.0)
@@ -141,15 +137,7 @@ def test_clean_final_epochs_train_on_plain_images_and_resume_exactly(tiny_data_d
     plain = dataclasses.replace(augmented, augment_rotation=0.0, augment_shift=0.0)
 
     def run(config, name, start_from=None):
-        workdir = tmp_path / name
-        if start_from is not None:  # the same run stopped after epoch 1: drop epoch 2's checkpoint (step 40)
-            shutil.copytree(start_from, workdir)
-            shutil.rmtree(workdir / "checkpoints" / "40")
-        history = train_and_evaluate(config, RunOptions(workdir=str(workdir), data_dir=str(tiny_data_dir),
-                                                        devices=1, progress=False, plots=False))
-        leaves = jax.tree_util.tree_leaves(restore_model(str(workdir), "latest").variables)
-        return [{k: v for k, v in h.items() if k not in ("train_images_per_second", "elapsed_seconds")}
-                for h in history], [np.asarray(leaf) for leaf in leaves]
+        return train_in_process(config, tiny_data_dir, tmp_path / name, stopped_after_epoch_1_of=start_from)
 
     clean_history, clean_leaves = run(clean_last, "clean")
     augmented_history, augmented_leaves = run(augmented, "augmented")

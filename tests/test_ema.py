@@ -2,7 +2,6 @@
 checkpointed and resumes exactly, and that runs without it are untouched."""
 
 import dataclasses
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +11,8 @@ import pytest
 from mnist_jax import checkpoint, steps
 from mnist_jax.checkpoint import restore_model
 from mnist_jax.config import Config, UserError, validate
-from mnist_jax.train import RunOptions, train_and_evaluate
 
-from conftest import TINY, run_module
+from conftest import TINY, run_module, train_in_process
 from test_checkpoint import meta
 from test_steps import copy, fixed_batch, new_state
 
@@ -85,19 +83,9 @@ def test_checkpoint_keeps_the_average_and_inference_restores_it(tmp_path):
 def test_a_run_with_an_average_resumes_bit_for_bit(tiny_data_dir, tmp_path):
     config = Config(dataset=TINY, batch_size=32, eval_batch_size=100, epochs=2, batch_norm=True, ema_decay=0.95)
 
-    def run(name, start_from=None):
-        workdir = tmp_path / name
-        if start_from is not None:  # the same run stopped after epoch 1: drop epoch 2's checkpoint (step 40)
-            shutil.copytree(start_from, workdir)
-            shutil.rmtree(workdir / "checkpoints" / "40")
-        history = train_and_evaluate(config, RunOptions(workdir=str(workdir), data_dir=str(tiny_data_dir),
-                                                        devices=1, progress=False, plots=False))
-        leaves = jax.tree_util.tree_leaves(restore_model(str(workdir), "latest").variables)
-        return [{k: v for k, v in h.items() if k not in ("train_images_per_second", "elapsed_seconds")}
-                for h in history], [np.asarray(leaf) for leaf in leaves]
-
-    history, leaves = run("whole")
-    resumed_history, resumed_leaves = run("resumed", start_from=tmp_path / "whole")
+    history, leaves = train_in_process(config, tiny_data_dir, tmp_path / "whole")
+    resumed_history, resumed_leaves = train_in_process(config, tiny_data_dir, tmp_path / "resumed",
+                                                       stopped_after_epoch_1_of=tmp_path / "whole")
     assert resumed_history == history
     for a, b in zip(resumed_leaves, leaves):
         np.testing.assert_array_equal(a, b)
