@@ -57,7 +57,6 @@ def create_train_state(
         tx=tx,
         rng=state_key,
         ema_decay=ema_decay,
-        ema={} if ema_decay > 0 else None,
     )
     return restart_moving_average(state)
 
@@ -65,7 +64,7 @@ def create_train_state(
 def restart_moving_average(state: TrainState) -> TrainState:
     """`state` whose moving average, if it keeps one, starts from its current variables (copies: the step
     donates the state, and one buffer must not be donated twice)."""
-    if state.ema is None:
+    if state.ema_decay == 0:
         return state
     return state.replace(ema=jax.tree_util.tree_map(jnp.copy, state.trained_variables()))
 
