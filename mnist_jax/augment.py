@@ -9,6 +9,9 @@ Elastic distortion follows Simard et al. (2003), "Best practices for convolution
 visual document analysis": every pixel gets a random displacement drawn uniformly from [-1, 1] per axis, the
 displacement field is smoothed with a Gaussian of width `elastic_sigma` pixels and scaled by `elastic_alpha`
 (they used alpha 34, sigma 4 on MNIST: displacements of about 1.4 pixels RMS that bend strokes the way hands do).
+
+Test-time augmentation reuses `warp` with a fixed set of small transforms (`TEST_TIME_VIEWS`) whose predictions
+inference averages.
 """
 
 from __future__ import annotations
@@ -19,6 +22,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.ndimage import map_coordinates
+
+
+class View(NamedTuple):
+    """One fixed transform for test-time augmentation: rotation (degrees), scale, shift (dy, dx) in pixels."""
+
+    rotation: float = 0.0
+    scale: float = 1.0
+    shift: tuple[float, float] = (0.0, 0.0)
+
+
+# The identity first, then one-pixel shifts, rotations of 3 and 6 degrees and a 7% zoom either way. Chosen on the
+# 10% validation slice of three strong runs, never on test (README, "Accuracy"): averaging these views removed 1-2
+# of 20-27 validation errors in each and lowered the validation loss by 5-7%.
+TEST_TIME_VIEWS: tuple[View, ...] = (
+    View(),
+    View(shift=(-1.0, 0.0)), View(shift=(1.0, 0.0)), View(shift=(0.0, -1.0)), View(shift=(0.0, 1.0)),
+    View(rotation=-6.0), View(rotation=6.0), View(rotation=-3.0), View(rotation=3.0),
+    View(scale=0.93), View(scale=1.07),
+)
 
 
 class Augmentation(NamedTuple):
@@ -89,4 +111,13 @@ def random_warp(key: jax.Array, images: jax.Array, limits: Augmentation) -> jax.
         warped = jax.vmap(warp)(pixels, angles, scales, shifts, fields)
     else:
         warped = jax.vmap(warp)(pixels, angles, scales, shifts)
+    return jnp.clip(warped, 0.0, 255.0)
+
+
+def apply_view(images: jax.Array, view: View) -> jax.Array:
+    """A batch (B, H, W, C) of pixel values, every example warped by the same fixed `view`."""
+    batch = images.shape[0]
+    warped = jax.vmap(warp)(images.astype(jnp.float32), jnp.full((batch,), np.deg2rad(view.rotation), jnp.float32),
+                            jnp.full((batch,), view.scale, jnp.float32),
+                            jnp.broadcast_to(jnp.asarray(view.shift, jnp.float32), (batch, 2)))
     return jnp.clip(warped, 0.0, 255.0)

@@ -2,7 +2,8 @@
 
 Inputs are padded to a power-of-two batch (at most `batch_size`), so any number of images costs a handful of
 compilations, and every example is predicted exactly once (the padding is dropped from the result). Several
-models (an ensemble) are applied inside the same jitted function and their probabilities averaged.
+models (an ensemble) are applied inside the same jitted function and their probabilities averaged; with
+test-time augmentation, so are each model's predictions of the fixed views in `augment.TEST_TIME_VIEWS`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnist_jax.augment import TEST_TIME_VIEWS, View, apply_view
 from mnist_jax.checkpoint import RestoredModel
 from mnist_jax.config import UserError
 
@@ -31,21 +33,26 @@ def check_same_task(models: Sequence[RestoredModel]) -> None:
                 f"{len(model.class_names)} classes")
 
 
-def make_predict_fn(models: RestoredModel | Sequence[RestoredModel], batch_size: int = 1000) -> PredictFn:
+def make_predict_fn(models: RestoredModel | Sequence[RestoredModel], batch_size: int = 1000,
+                    test_time_augmentation: bool = False) -> PredictFn:
     """Returns predict(uint8 images (N, H, W, C) or (N, H, W)) -> float32 probabilities (N, classes).
 
-    Given several models, the probabilities are their mean (each model its own architecture and variables).
+    Given several models, the probabilities are their mean (each model its own architecture and variables);
+    `test_time_augmentation` averages over the views of `augment.TEST_TIME_VIEWS` too (11x the compute).
     """
     models = [models] if isinstance(models, RestoredModel) else list(models)
     check_same_task(models)
     first = models[0]
     modules = [model.module for model in models]
     variables = jax.device_put([model.variables for model in models])
+    views = TEST_TIME_VIEWS if test_time_augmentation else (View(),)
 
     @jax.jit
     def probabilities(all_variables, images: jax.Array) -> jax.Array:
-        members = [jax.nn.softmax(module.apply(v, images, train=False), axis=-1)
-                   for module, v in zip(modules, all_variables)]
+        # The identity view is the images themselves, so plain prediction is untouched by the warp code.
+        inputs = [images if view == View() else apply_view(images, view) for view in views]
+        members = [jax.nn.softmax(module.apply(v, x, train=False), axis=-1)
+                   for x in inputs for module, v in zip(modules, all_variables)]
         return sum(members[1:], members[0]) / len(members)
 
     def predict(images: np.ndarray) -> np.ndarray:

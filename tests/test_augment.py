@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mnist_jax import steps
-from mnist_jax.augment import Augmentation, elastic_displacements, gaussian_blur_matrix, random_warp, warp
+from mnist_jax.augment import (TEST_TIME_VIEWS, Augmentation, View, apply_view, elastic_displacements,
+                               gaussian_blur_matrix, random_warp, warp)
 from mnist_jax.config import Config, UserError, validate
 from mnist_jax.model import build_model
 from mnist_jax.optim import make_optimizer
@@ -71,6 +72,26 @@ def test_a_quarter_turn_rotates_about_the_centre():
     turned = np.asarray(warp(image, jnp.deg2rad(90.0), jnp.array(1.0), jnp.zeros(2)))[..., 0]
     ys, xs = np.nonzero(turned > 50)
     assert abs(xs.mean() - 13.5) > 7 and abs(ys.mean() - 13.5) < 1.5  # the bar moved to a side
+
+
+def test_test_time_views_are_scipys_affine_transforms():
+    """Each fixed view against scipy.ndimage.affine_transform with the same rotation and zoom about the centre."""
+    from scipy.ndimage import affine_transform
+
+    batch = images(4)
+    centre = np.array([13.5, 13.5])
+    assert TEST_TIME_VIEWS[0] == View() and len(set(TEST_TIME_VIEWS)) == len(TEST_TIME_VIEWS) == 11
+    for view in TEST_TIME_VIEWS:
+        angle = np.deg2rad(view.rotation)
+        # warp's output pixel p reads the source point M (p - centre - shift) + centre.
+        matrix = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]]) / view.scale
+        offset = centre - matrix @ (centre + np.asarray(view.shift))
+        ours = np.asarray(apply_view(batch, view))
+        assert ours.shape == batch.shape and ours.min() >= 0 and ours.max() <= 255
+        for image, warped in zip(np.asarray(batch, np.float64), ours):
+            expected = affine_transform(image[..., 0], matrix, offset, order=1, mode="grid-constant", cval=0.0)
+            np.testing.assert_allclose(warped[..., 0], expected, atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(apply_view(batch, View())), np.asarray(batch, np.float32))
 
 
 def test_outputs_stay_in_range_and_examples_get_different_transforms():

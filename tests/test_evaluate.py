@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+from mnist_jax.augment import TEST_TIME_VIEWS, apply_view
 from mnist_jax.checkpoint import restore_model
 from mnist_jax.data import load_split_numpy
 from mnist_jax.config import UserError
@@ -17,6 +18,12 @@ from mnist_jax.inference import check_same_task
 from conftest import TINY, TINY_FLAGS, run_module
 
 PLOTS = ("confusion_matrix.png", "samples.png", "mistakes.png", "per_class.png")
+
+
+def numpy_softmax(logits) -> np.ndarray:
+    logits = np.asarray(logits, np.float64)
+    exp = np.exp(logits - logits.max(-1, keepdims=True))
+    return exp / exp.sum(-1, keepdims=True)
 
 
 def assert_matches_sklearn(report, labels, predictions, classes):
@@ -114,9 +121,7 @@ def test_ensemble_averages_its_members_probabilities(tiny_run, second_tiny_run, 
     members = []
     for path in (tiny_run, second_tiny_run):  # each member applied on its own, softmax in numpy
         model = restore_model(str(path), "best")
-        logits = np.asarray(model.module.apply(model.variables, images), np.float64)
-        members.append(np.exp(logits - logits.max(-1, keepdims=True)))
-        members[-1] /= members[-1].sum(-1, keepdims=True)
+        members.append(numpy_softmax(model.module.apply(model.variables, images)))
     expected = np.mean(members, axis=0)
     saved = np.load(tmp_path / "ens" / "eval" / "test" / "predictions.npz")
     np.testing.assert_allclose(saved["probabilities"], expected, atol=1e-5)
@@ -125,6 +130,26 @@ def test_ensemble_averages_its_members_probabilities(tiny_run, second_tiny_run, 
     assert [m["workdir"] for m in report["members"]] == [str(tiny_run), str(second_tiny_run)]
     assert "checkpoint_step" not in report
     assert_matches_sklearn(report, labels, saved["predictions"], 10)
+
+
+def test_test_time_augmentation_averages_every_view_of_every_member(tiny_run, second_tiny_run, tiny_data_dir,
+                                                                     tmp_path):
+    result = run_module("mnist_jax.evaluate", "--ensemble", tiny_run, second_tiny_run, "--workdir", tmp_path / "ens",
+                        "--tta", "--data-dir", tiny_data_dir)
+    assert result.returncode == 0, result.stderr
+    assert "ensemble of 2, test-time augmentation: accuracy" in result.stdout
+    images, labels = load_split_numpy(TINY, "test", str(tiny_data_dir))
+    models = [restore_model(str(path), "best") for path in (tiny_run, second_tiny_run)]
+    expected = np.mean([numpy_softmax(m.module.apply(m.variables, apply_view(images, view)))
+                        for view in TEST_TIME_VIEWS for m in models], axis=0)
+    out = tmp_path / "ens" / "eval" / "test-tta"
+    saved = np.load(out / "predictions.npz")
+    np.testing.assert_allclose(saved["probabilities"], expected, atol=1e-5)
+    report = json.loads((out / "report.json").read_text())
+    assert report["test_time_augmentation"] is True
+    assert_matches_sklearn(report, labels, saved["predictions"], 10)
+    assert all((out / name).exists() for name in PLOTS)
+    assert not (tmp_path / "ens" / "eval" / "test").exists()  # a plain evaluation's outputs are never overwritten
 
 
 def test_ensemble_members_must_share_a_dataset(tiny_run, tiny_data_dir, tmp_path):

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mnist_jax.augment import TEST_TIME_VIEWS, apply_view
+from mnist_jax.checkpoint import restore_model
 from mnist_jax.data import load_split_numpy
+from mnist_jax.images import preprocess_file
 from mnist_jax.predict import format_result, predict_files
 
 from conftest import run_module
@@ -42,6 +45,20 @@ def test_predict_cli_text_json_and_errors(tiny_run, tmp_path):
     assert "notes.png" in entries[1]["error"] and "missing.png" in entries[2]["error"]
     text = run_module("mnist_jax.predict", "--workdir", tiny_run, good)
     assert text.returncode == 0 and "top 3:" in text.stdout and text.stdout.startswith(str(good))
+
+
+def test_predict_with_test_time_augmentation_averages_the_views(tiny_run, tmp_path):
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.pad(np.full((12, 6), 255, np.uint8), 8)).save(digit)
+    result = run_module("mnist_jax.predict", "--workdir", tiny_run, digit, "--tta", "--json")
+    assert result.returncode == 0, result.stderr
+    model = restore_model(str(tiny_run), "best")
+    pixels = preprocess_file(str(digit)).reshape(1, 28, 28, 1)
+    logits = np.stack([np.asarray(model.module.apply(model.variables, apply_view(pixels, view)))[0]
+                       for view in TEST_TIME_VIEWS]).astype(np.float64)
+    softmax = np.exp(logits - logits.max(-1, keepdims=True))
+    expected = (softmax / softmax.sum(-1, keepdims=True)).mean(0)
+    np.testing.assert_allclose(json.loads(result.stdout)[0]["probabilities"], expected, atol=1e-5)
 
 
 def test_predict_missing_workdir(tmp_path):
