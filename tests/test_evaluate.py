@@ -15,15 +15,9 @@ from mnist_jax.config import UserError
 from mnist_jax.evaluate import evaluate
 from mnist_jax.inference import check_same_task
 
-from conftest import TINY, TINY_FLAGS, run_module
+from conftest import TINY, TINY_FLAGS, numpy_softmax, run_module
 
 PLOTS = ("confusion_matrix.png", "samples.png", "mistakes.png", "per_class.png")
-
-
-def numpy_softmax(logits) -> np.ndarray:
-    logits = np.asarray(logits, np.float64)
-    exp = np.exp(logits - logits.max(-1, keepdims=True))
-    return exp / exp.sum(-1, keepdims=True)
 
 
 def assert_matches_sklearn(report, labels, predictions, classes):

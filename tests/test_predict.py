@@ -12,7 +12,7 @@ from mnist_jax.data import load_split_numpy
 from mnist_jax.images import preprocess_file
 from mnist_jax.predict import format_result, predict_files
 
-from conftest import run_module
+from conftest import numpy_softmax, run_module
 
 
 def save_forms(image: np.ndarray, directory, stem: str) -> list[str]:
@@ -54,10 +54,8 @@ def test_predict_with_test_time_augmentation_averages_the_views(tiny_run, tmp_pa
     assert result.returncode == 0, result.stderr
     model = restore_model(str(tiny_run), "best")
     pixels = preprocess_file(str(digit)).reshape(1, 28, 28, 1)
-    logits = np.stack([np.asarray(model.module.apply(model.variables, apply_view(pixels, view)))[0]
-                       for view in TEST_TIME_VIEWS]).astype(np.float64)
-    softmax = np.exp(logits - logits.max(-1, keepdims=True))
-    expected = (softmax / softmax.sum(-1, keepdims=True)).mean(0)
+    expected = np.mean([numpy_softmax(model.module.apply(model.variables, apply_view(pixels, view)))[0]
+                        for view in TEST_TIME_VIEWS], axis=0)
     np.testing.assert_allclose(json.loads(result.stdout)[0]["probabilities"], expected, atol=1e-5)
 
 
