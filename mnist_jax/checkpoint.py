@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from mnist_jax.config import Config, UserError
 from mnist_jax.model import build_model
-from mnist_jax.steps import TrainState
+from mnist_jax.steps import TrainState, model_variables
 
 CHECKPOINT_DIR = "checkpoints"
 QUARANTINE_DIR = "checkpoints-corrupt"
@@ -193,12 +193,8 @@ def restore_model(workdir: str, checkpoint: str = "best") -> RestoredModel:
         raise UserError(f"checkpoint {step} in {directory} is unreadable: {str(error).splitlines()[0][:200]}")
     config = Config.from_dict(meta["config"])
     module = build_model(config, len(meta["class_names"]), meta["mean"], meta["std"])
-    if "ema" in tree:  # the moving average is the run's model: what it evaluated and chose "best" on
-        variables = tree["ema"]
-    else:
-        variables = {"params": tree["params"]}
-        if tree.get("batch_stats"):
-            variables["batch_stats"] = tree["batch_stats"]
+    # The moving average, when kept, is the run's model: what it evaluated and chose "best" on.
+    variables = tree["ema"] if "ema" in tree else model_variables(tree["params"], tree.get("batch_stats"))
     return RestoredModel(
         module=module,
         variables=variables,

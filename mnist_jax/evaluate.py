@@ -21,7 +21,7 @@ from mnist_jax import data, metrics, plots
 from mnist_jax.checkpoint import RestoredModel, restore_model
 from mnist_jax.cli import ArgumentParser, run_cli
 from mnist_jax.config import UserError
-from mnist_jax.inference import make_predict_fn
+from mnist_jax.inference import TEST_TIME_AUGMENTATION_HELP, make_predict_fn
 from mnist_jax.workdir import write_atomic
 
 SAMPLE_COUNT = 32
@@ -100,8 +100,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--checkpoint", default="best",
                         help="best, latest or a step number, for every member (default: best)")
     parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average each model's predictions over 11 small fixed shifts, "
-                             "rotations and zooms (11x the compute); outputs go to eval/<split>-tta/")
+                        help=TEST_TIME_AUGMENTATION_HELP + "; outputs go to eval/<split>-tta/")
     parser.add_argument("--data-dir", help="tfds data directory (default: $TFDS_DATA_DIR, else tfds's default)")
     return parser.parse_args(argv)
 

@@ -19,6 +19,9 @@ from mnist_jax.checkpoint import RestoredModel
 from mnist_jax.config import UserError
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
+# The `--tta` flag's help, shared by the tools that offer it.
+TEST_TIME_AUGMENTATION_HELP = (f"test-time augmentation: average each model's predictions over {len(TEST_TIME_VIEWS)} "
+                               f"fixed views (small shifts, rotations and zooms), {len(TEST_TIME_VIEWS)}x the compute")
 
 
 def check_same_task(models: Sequence[RestoredModel]) -> None:
@@ -38,7 +41,7 @@ def make_predict_fn(models: RestoredModel | Sequence[RestoredModel], batch_size:
     """Returns predict(uint8 images (N, H, W, C) or (N, H, W)) -> float32 probabilities (N, classes).
 
     Given several models, the probabilities are their mean (each model its own architecture and variables);
-    `test_time_augmentation` averages over the views of `augment.TEST_TIME_VIEWS` too (11x the compute).
+    `test_time_augmentation` averages over the views of `augment.TEST_TIME_VIEWS` too (one pass per view).
     """
     models = [models] if isinstance(models, RestoredModel) else list(models)
     check_same_task(models)

@@ -17,7 +17,7 @@ import numpy as np
 from mnist_jax.checkpoint import restore_model
 from mnist_jax.cli import ArgumentParser, run_cli
 from mnist_jax.images import ImageError, preprocess_file
-from mnist_jax.inference import make_predict_fn
+from mnist_jax.inference import TEST_TIME_AUGMENTATION_HELP, make_predict_fn
 
 TOP_K = 3
 
@@ -65,8 +65,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--workdir", required=True, help="a training workdir")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
     parser.add_argument("--checkpoint", default="best", help="best, latest or a step number (default: best)")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average over 11 small fixed shifts, rotations and zooms")
+    parser.add_argument("--tta", action="store_true", help=TEST_TIME_AUGMENTATION_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON array instead of text lines")
     return parser.parse_args(argv)
 

@@ -23,6 +23,13 @@ Batch = dict[str, jax.Array]  # {"image": uint8 (B, H, W, C), "label": int32 (B,
 Metrics = dict[str, jax.Array]
 
 
+def model_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+    """The variables `apply_fn` takes: params, and batch statistics when the model has them."""
+    if batch_stats:
+        return {"params": params, "batch_stats": batch_stats}
+    return {"params": params}
+
+
 class TrainState(train_state.TrainState):
     """Flax's TrainState (step, params, opt_state, tx, apply_fn) plus batch-norm statistics, a PRNG key and,
     with `ema_decay` > 0, `ema`: an exponential moving average of the variables, which is what evaluation uses."""
@@ -34,9 +41,7 @@ class TrainState(train_state.TrainState):
 
     def trained_variables(self) -> dict[str, Any]:
         """The variables the optimiser trains: params, and batch statistics when the model has them."""
-        if self.batch_stats:
-            return {"params": self.params, "batch_stats": self.batch_stats}
-        return {"params": self.params}
+        return model_variables(self.params, self.batch_stats)
 
     def variables(self) -> dict[str, Any]:
         """The variables evaluation and inference use: the moving average when the run keeps one."""
