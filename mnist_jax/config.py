@@ -56,6 +56,9 @@ class Config:
     warmup_epochs: float = _field(0.5, "warm-up length for warmup_cosine and one_cycle")
     momentum: float = _field(0.9, "momentum for sgd")
     weight_decay: float = _field(1e-4, "decoupled weight decay for adamw")
+    label_smoothing: float = _field(
+        0.0, "train against targets that give this much probability mass to the other classes, e.g. 0.1 "
+        "(0: one-hot); evaluation losses stay plain cross-entropy")
     batch_size: int = _field(128, "training batch size (split across --devices)")
     epochs: int = _field(3, "passes over the training split")
     seed: int = _field(0, "seed of every random choice: init, shuffling, dropout")
@@ -161,6 +164,8 @@ def validate(config: Config) -> None:
         raise UserError(f"--momentum must be in [0, 1), got {config.momentum}")
     if not 0 <= config.ema_decay < 1:
         raise UserError(f"--ema-decay must be in [0, 1), got {config.ema_decay}")
+    if not 0 <= config.label_smoothing < 1:
+        raise UserError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
     if config.weight_decay < 0:
         raise UserError(f"--weight-decay must be >= 0, got {config.weight_decay}")
     if not 0 <= config.dropout_rate < 1:

@@ -38,6 +38,7 @@ class TrainState(train_state.TrainState):
     rng: jax.Array
     ema: Any = None  # {"params", ["batch_stats"]} averaged over the steps; None when ema_decay is 0
     ema_decay: float = struct.field(pytree_node=False, default=0.0)
+    label_smoothing: float = struct.field(pytree_node=False, default=0.0)
 
     def trained_variables(self) -> dict[str, Any]:
         """The variables the optimiser trains: params, and batch statistics when the model has them."""
@@ -50,9 +51,10 @@ class TrainState(train_state.TrainState):
 
 def create_train_state(
     model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, image_shape: tuple[int, ...],
-    ema_decay: float = 0.0,
+    ema_decay: float = 0.0, label_smoothing: float = 0.0,
 ) -> TrainState:
-    """Initialises the model's variables and the optimiser from one PRNG key (and the moving average, if kept)."""
+    """Initialises the model's variables and the optimiser from one PRNG key (and the moving average, if kept).
+    `label_smoothing` is a property of the training loss, carried by the state so the step stays (state, batch)."""
     init_key, state_key = jax.random.split(key)
     variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.uint8), train=False)
     state = TrainState.create(
@@ -62,6 +64,7 @@ def create_train_state(
         tx=tx,
         rng=state_key,
         ema_decay=ema_decay,
+        label_smoothing=label_smoothing,
     )
     return restart_moving_average(state)
 
@@ -93,6 +96,14 @@ def _loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array,
     return loss, correct
 
 
+def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+    """Cross-entropy against (1 - smoothing) * one_hot + smoothing / num_classes: the training loss."""
+    if smoothing == 0:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
 def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     """One optimisation step; dropout and augmentation draw from the state's key folded with the step number."""
     dropout_key = jax.random.fold_in(state.rng, state.step)
@@ -104,7 +115,8 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
             variables, batch["image"], train=True, rngs={"dropout": dropout_key, "augment": augment_key},
             mutable=["batch_stats"],
         )
-        loss, correct = _loss_and_accuracy(logits, batch["label"])
+        loss = smoothed_cross_entropy(logits, batch["label"], state.label_smoothing)
+        correct = jnp.argmax(logits, axis=-1) == batch["label"]
         return loss.mean(), (correct.mean(), updates)
 
     (loss, (accuracy, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

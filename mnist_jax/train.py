@@ -108,7 +108,8 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
     tx = make_optimizer(config, steps_per_epoch)
     schedule = learning_rate_schedule(config, steps_per_epoch)
     init_key, shuffle_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    state = steps.create_train_state(model, tx, init_key, dataset.image_shape, config.ema_decay)
+    state = steps.create_train_state(model, tx, init_key, dataset.image_shape, config.ema_decay,
+                                     config.label_smoothing)
 
     primary = sharding.is_primary_process()
     if primary:

@@ -21,7 +21,7 @@ def fixed_batch(n=32, seed=0):
 def new_state(config=Config(), steps_per_epoch=10, seed=0):
     model = build_model(config, 10, 0.2, 0.3)
     return steps.create_train_state(model, make_optimizer(config, steps_per_epoch), jax.random.PRNGKey(seed),
-                                    (28, 28, 1), config.ema_decay)
+                                    (28, 28, 1), config.ema_decay, config.label_smoothing)
 
 
 def copy(tree):
@@ -65,6 +65,20 @@ def test_dropout_and_batch_norm_state_flow():
     steps.eval_step(state, batch, jnp.ones(32))
     same = jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), frozen, state.batch_stats)
     assert all(jax.tree_util.tree_leaves(same))
+
+
+def test_label_smoothing_trains_against_smoothed_targets_and_leaves_evaluation_plain():
+    """The step's loss is cross-entropy against 0.9 * one-hot + 0.01, from numpy on the pre-step logits."""
+    state, batch = new_state(Config(label_smoothing=0.1)), fixed_batch()
+    logits = np.asarray(state.apply_fn(state.variables(), batch["image"]), np.float64)
+    log_probs = logits - logits.max(1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+    targets = np.full(logits.shape, 0.01)
+    targets[np.arange(32), np.asarray(batch["label"])] += 0.9
+    plain = -log_probs[np.arange(32), np.asarray(batch["label"])].sum()
+    np.testing.assert_allclose(float(steps.eval_step(state, batch, jnp.ones(32))["loss"]), plain, rtol=1e-5)
+    _, metrics = steps.train_step(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), -(targets * log_probs).sum(1).mean(), rtol=1e-5)
 
 
 def test_eval_step_counts_only_unmasked_examples():

@@ -131,6 +131,7 @@ BAD_FLAGS = [
     (("--pooling", "min"), "unknown pooling 'min'"),
     (("--convs-per-block", "0"), "--convs-per-block must be a positive integer"),
     (("--batch-norm-groups", "0"), "--batch-norm-groups must be a positive integer"),
+    (("--label-smoothing", "1"), "--label-smoothing must be in [0, 1)"),
     (("--dataset", "no_such_dataset"), ("unknown dataset 'no_such_dataset'", "holds a run with other settings")),
     (("--epochs", "three"), "invalid int value"),
     (("--devices", "64"), "--devices must be between 1 and"),
