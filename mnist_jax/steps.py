@@ -90,18 +90,17 @@ def moving_average(state: TrainState) -> dict[str, Any]:
                                   state.ema, state.trained_variables())
 
 
-def _loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def _loss_and_accuracy(logits: jax.Array, labels: jax.Array,
+                       label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Per-example cross-entropy (against (1 - s) * one_hot + s / num_classes when smoothing, in training only)
+    and whether the prediction is right."""
+    if label_smoothing == 0:
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    else:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+        loss = optax.softmax_cross_entropy(logits, targets)
     correct = jnp.argmax(logits, axis=-1) == labels
     return loss, correct
-
-
-def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
-    """Cross-entropy against (1 - smoothing) * one_hot + smoothing / num_classes: the training loss."""
-    if smoothing == 0:
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
 
 
 def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -115,8 +114,7 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
             variables, batch["image"], train=True, rngs={"dropout": dropout_key, "augment": augment_key},
             mutable=["batch_stats"],
         )
-        loss = smoothed_cross_entropy(logits, batch["label"], state.label_smoothing)
-        correct = jnp.argmax(logits, axis=-1) == batch["label"]
+        loss, correct = _loss_and_accuracy(logits, batch["label"], state.label_smoothing)
         return loss.mean(), (correct.mean(), updates)
 
     (loss, (accuracy, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
