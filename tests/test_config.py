@@ -17,6 +17,7 @@ def test_presets_are_valid_and_default_is_the_plain_config():
     strong = PRESETS["strong"]
     assert strong.batch_norm and strong.dropout_rate > 0 and 0 < strong.clean_final_epochs < strong.epochs
     assert min(strong.augment_rotation, strong.augment_scale, strong.augment_shift) > 0
+    assert strong.ema_decay > 0 and 0 < strong.label_smoothing < 1
     assert strong.validation_fraction == 0  # trains on all 60k; sweeps hold out their own validation slice
     default = Config()
     assert len(strong.conv_features) * strong.convs_per_block > len(default.conv_features) * default.convs_per_block
