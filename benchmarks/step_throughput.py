@@ -16,7 +16,8 @@ Compile time is the first call's time minus a steady-state call's. Paths measure
   `python -m mnist_jax.train` makes one device per core, so this is what it runs there.
 
 `--config NAME` measures a preset's model (its augmentation, dropout and batch norm included) with the optimiser
-held at the reference's SGD; the reference loop has no batch-norm state, so it is left out for such a model.
+held at the reference's SGD and without the preset's training-recipe extras (moving average of the weights, label
+smoothing); the reference loop has no batch-norm state, so it is left out for such a model.
 """
 
 from __future__ import annotations
