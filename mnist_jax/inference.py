@@ -8,8 +8,9 @@ test-time augmentation, so are each model's predictions of the fixed views in `a
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,8 +47,16 @@ def make_predict_fn(models: RestoredModel | Sequence[RestoredModel], batch_size:
     models = [models] if isinstance(models, RestoredModel) else list(models)
     check_same_task(models)
     first = models[0]
-    modules = [model.module for model in models]
-    variables = jax.device_put([model.variables for model in models])
+    return predict_fn_for([m.module for m in models], [m.variables for m in models], first.image_shape,
+                          len(first.class_names), batch_size, test_time_augmentation)
+
+
+def predict_fn_for(modules: Sequence[nn.Module], member_variables: Sequence[Any], image_shape: tuple[int, ...],
+                   num_classes: int, batch_size: int = 1000, test_time_augmentation: bool = False) -> PredictFn:
+    """`make_predict_fn` for modules and their variables that need not come from a checkpoint (training's final
+    evaluation passes its live model), so both report the very same numbers."""
+    modules = list(modules)
+    variables = jax.device_put(list(member_variables))
     views = TEST_TIME_VIEWS if test_time_augmentation else (View(),)
 
     @jax.jit
@@ -60,15 +69,15 @@ def make_predict_fn(models: RestoredModel | Sequence[RestoredModel], batch_size:
 
     def predict(images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, dtype=np.uint8)
-        if images.ndim == len(first.image_shape):  # (N, H, W): add the channel axis
+        if images.ndim == len(image_shape):  # (N, H, W): add the channel axis
             images = images[..., None]
-        if images.shape[1:] != first.image_shape:
-            raise ValueError(f"images of shape {images.shape[1:]} given to a model of {first.image_shape}")
+        if images.shape[1:] != tuple(image_shape):
+            raise ValueError(f"images of shape {images.shape[1:]} given to a model of {tuple(image_shape)}")
         count = len(images)
         chunk = min(batch_size, 1 << max(count - 1, 0).bit_length())  # power-of-two buckets: few compilations
-        padded = np.zeros((-(-count // chunk) * chunk, *first.image_shape), np.uint8)
+        padded = np.zeros((-(-count // chunk) * chunk, *image_shape), np.uint8)
         padded[:count] = images
         outputs = [probabilities(variables, jnp.asarray(padded[i : i + chunk])) for i in range(0, len(padded), chunk)]
-        return np.concatenate(jax.device_get(outputs))[:count] if outputs else np.zeros((0, len(first.class_names)))
+        return np.concatenate(jax.device_get(outputs))[:count] if outputs else np.zeros((0, num_classes))
 
     return predict

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from mnist_jax import checkpoint, data, sharding, steps, workdir
+from mnist_jax import checkpoint, data, inference, sharding, steps, workdir
 from mnist_jax.cli import ArgumentParser, add_config_flags, add_preset_flag, config_from_args, given_fields, run_cli
 from mnist_jax.config import Config, UserError, incompatible_fields, validate
 from mnist_jax.augment import Augmentation, random_warp
@@ -74,6 +74,21 @@ def evaluate_split(state: steps.TrainState, split: data.Split, batch_size: int, 
         "loss": sum(float(t["loss"]) for t in totals) / count,
         "accuracy": sum(float(t["correct"]) for t in totals) / count,
     }
+
+
+def evaluate_split_tta(model, state: steps.TrainState, split: data.Split, num_classes: int) -> dict[str, float]:
+    """Loss and accuracy of the predictions averaged over `augment.TEST_TIME_VIEWS`, by the jitted function that
+    `evaluate --tta` uses, so both print the same figure for the same weights."""
+    def host(array: jax.Array) -> np.ndarray:  # replicated: each device holds all of it, on every host
+        return np.asarray(array.addressable_data(0))
+
+    predict = inference.predict_fn_for([model], [jax.tree_util.tree_map(host, state.variables())],
+                                       tuple(split.images.shape[1:]), num_classes, test_time_augmentation=True)
+    labels = host(split.labels)
+    probabilities = predict(host(split.images))
+    picked = probabilities[np.arange(len(labels)), labels].astype(np.float64)
+    return {"loss": float(-np.log(np.maximum(picked, np.finfo(np.float32).tiny)).mean()),
+            "accuracy": float(np.mean(probabilities.argmax(axis=-1) == labels))}
 
 
 def _log_epoch(entry: dict[str, Any], epochs: int) -> None:
@@ -176,6 +191,12 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
         if dataset.validation is not None:  # the best checkpoint is then chosen on it, never on test
             validation = evaluate_split(state, dataset.validation, config.eval_batch_size, mesh)
             held_out = {"validation_loss": validation["loss"], "validation_accuracy": validation["accuracy"]}
+        with_tta = {}
+        if epoch == config.epochs and config.final_tta:  # once, on the finished model: 11 evaluations' cost
+            for name, split in (("test", dataset.test), ("validation", dataset.validation)):
+                if split is not None:
+                    tta = evaluate_split_tta(model, state, split, dataset.num_classes)
+                    with_tta.update({f"{name}_tta_loss": tta["loss"], f"{name}_tta_accuracy": tta["accuracy"]})
         entry = {
             "epoch": epoch,
             "step": int(state.step),
@@ -184,6 +205,7 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
             "test_loss": test["loss"],
             "test_accuracy": test["accuracy"],
             **held_out,
+            **with_tta,
             "learning_rate": float(schedule(int(state.step) - 1)),
             "train_images_per_second": steps_per_epoch * config.batch_size / train_seconds,
             "elapsed_seconds": time.time() - started,
@@ -251,7 +273,10 @@ def run_options(args: argparse.Namespace) -> RunOptions:
 
 def report_final(history: list[dict[str, Any]], started: float, workdir_path: str) -> None:
     if history:
-        print(f"final test accuracy {history[-1]['test_accuracy']:.2%} "
+        last = history[-1]
+        tta = (f", {last['test_tta_accuracy']:.2%} with test-time augmentation" if "test_tta_accuracy" in last
+               else "")
+        print(f"final test accuracy {last['test_accuracy']:.2%}{tta} "
               f"({time.time() - started:.1f} s) -> {workdir_path}", flush=True)
 
 
