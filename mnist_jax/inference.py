@@ -1,4 +1,4 @@
-"""Jitted batched prediction for restored models: one function shared by evaluate, predict and serve.
+"""Jitted batched prediction: one function shared by evaluate, predict, serve and training's final evaluation.
 
 Inputs are padded to a power-of-two batch (at most `batch_size`), so any number of images costs a handful of
 compilations, and every example is predicted exactly once (the padding is dropped from the result). Several
@@ -55,7 +55,7 @@ def predict_fn_for(modules: Sequence[nn.Module], member_variables: Sequence[Any]
                    num_classes: int, batch_size: int = 1000, test_time_augmentation: bool = False) -> PredictFn:
     """`make_predict_fn` for modules and their variables that need not come from a checkpoint (training's final
     evaluation passes its live model), so both report the very same numbers."""
-    modules = list(modules)
+    modules, image_shape = list(modules), tuple(image_shape)
     variables = jax.device_put(list(member_variables))
     views = TEST_TIME_VIEWS if test_time_augmentation else (View(),)
 
@@ -71,8 +71,8 @@ def predict_fn_for(modules: Sequence[nn.Module], member_variables: Sequence[Any]
         images = np.asarray(images, dtype=np.uint8)
         if images.ndim == len(image_shape):  # (N, H, W): add the channel axis
             images = images[..., None]
-        if images.shape[1:] != tuple(image_shape):
-            raise ValueError(f"images of shape {images.shape[1:]} given to a model of {tuple(image_shape)}")
+        if images.shape[1:] != image_shape:
+            raise ValueError(f"images of shape {images.shape[1:]} given to a model of {image_shape}")
         count = len(images)
         chunk = min(batch_size, 1 << max(count - 1, 0).bit_length())  # power-of-two buckets: few compilations
         padded = np.zeros((-(-count // chunk) * chunk, *image_shape), np.uint8)

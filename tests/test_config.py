@@ -18,6 +18,7 @@ def test_presets_are_valid_and_default_is_the_plain_config():
     assert strong.batch_norm and strong.dropout_rate > 0 and 0 < strong.clean_final_epochs < strong.epochs
     assert min(strong.augment_rotation, strong.augment_scale, strong.augment_shift) > 0
     assert strong.ema_decay > 0 and 0 < strong.label_smoothing < 1
+    assert strong.final_tta and not Config().final_tta  # strong also reports its test-time-augmented accuracy
     assert strong.validation_fraction == 0  # trains on all 60k; sweeps hold out their own validation slice
     default = Config()
     assert len(strong.conv_features) * strong.convs_per_block > len(default.conv_features) * default.convs_per_block
@@ -35,7 +36,7 @@ def test_strong_preset_with_overrides_lands_in_config_json(tiny_data_dir, tmp_pa
                                         epochs=3, warmup_epochs=0.5, validation_fraction=0.25)
     assert (workdir / "augmentations.png").exists()
     metrics = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert "validation_accuracy" in metrics
+    assert "validation_accuracy" in metrics and "test_tta_accuracy" in metrics and "validation_tta_accuracy" in metrics
 
     # Resuming needs no flags; another preset on the same workdir is refused, naming the fields.
     again = run_module("mnist_jax.train", "--workdir", workdir, "--data-dir", tiny_data_dir, "--no-progress")

@@ -88,6 +88,30 @@ def test_restored_model_reproduces_the_logged_test_accuracy(finished_run, tiny_d
     assert np.mean(predictions == labels) == pytest.approx(logged, abs=1e-9)
 
 
+def test_final_tta_reports_what_evaluate_tta_computes(tiny_data_dir, tmp_path):
+    """--final-tta: the last epoch's entry and train's final line carry the test-time-augmented figures, equal to
+    `evaluate --tta` of the same checkpoint (itself checked against numpy and scipy in test_evaluate.py)."""
+    workdir = tmp_path / "w"
+    result = train(workdir, tiny_data_dir, "--epochs", "2", "--learning-rate", "1e-4", "--augment-rotation", "10",
+                   "--validation-fraction", "0.25", "--final-tta", "true")
+    assert result.returncode == 0, result.stderr
+    first, last = read_jsonl(workdir / "metrics.jsonl")
+    assert not [key for key in first if "tta" in key]  # only the finished model is evaluated with the views
+    for split, name in (("test", "test"), ("train[75%:]", "validation")):  # the validation slice is the tail
+        evaluated = run_module("mnist_jax.evaluate", "--workdir", workdir, "--data-dir", tiny_data_dir, "--tta",
+                               "--split", split, "--checkpoint", "latest")
+        assert evaluated.returncode == 0, evaluated.stderr
+        out = workdir / "eval" / f"{split}-tta"
+        report = json.loads((out / "report.json").read_text())
+        saved = np.load(out / "predictions.npz")
+        picked = saved["probabilities"][np.arange(len(saved["labels"])), saved["labels"]].astype(np.float64)
+        assert last[f"{name}_tta_accuracy"] == pytest.approx(report["accuracy"], abs=1e-12)
+        assert last[f"{name}_tta_loss"] == pytest.approx(-np.log(picked).mean(), rel=1e-6)
+        assert last[f"{name}_tta_loss"] != pytest.approx(last[f"{name}_loss"], rel=1e-3)  # the views changed it
+    assert (f"final test accuracy {last['test_accuracy']:.2%}, {last['test_tta_accuracy']:.2%} with test-time "
+            "augmentation") in result.stdout
+
+
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(finished_run, tiny_data_dir, tmp_path):
     """kill -9 at two different moments, restart each time: same parameters bitwise, same metrics."""
     reference_dir, _ = finished_run
