@@ -153,19 +153,43 @@ def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
 
 # XLA:CPU runs this model's convolutions single-threaded and leaves bias adds, pooling gradients and the optax
 # update as separate loops. Its YNNPACK library fusions fold those into the convolution and dot kernels and
-# run them multi-threaded: +20-42% train-step throughput on one device of a 2-core CPU (README, "Performance").
-# They cost batch-norm models 14-29% instead: their eltwise fusion writes the normalisation's broadcasts out as
-# whole tensors rather than fusing them into their consumers, so those models compile without them.
-_CPU_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": ",".join(
-        f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("DOT", "ELTWISE", "REDUCE", "INDIVIDUAL_CONVOLUTION")
-    )
-}
+# run them multi-threaded: +20-42% train-step throughput on one device of a 2-core AVX-512 CPU (README,
+# "Performance"). They cost batch-norm models 14-29% there instead: their eltwise fusion writes the normalisation's
+# broadcasts out as whole tensors rather than fusing them into their consumers, so those models keep XLA's defaults.
+# On a CPU without AVX-512 (a 2-core AMD EPYC Zen 3), YNNPACK's convolutions are the problem: the kernel gradient of
+# `strong`'s second conv (32 -> 32 channels on 28x28), a convolution with a 28x28 window, took 685 ms of a 1,160 ms
+# step under XLA's defaults, which include them. There every model keeps the other fusions and leaves convolutions to XLA: on two devices the `strong`
+# step ran 2.2x as fast (599 vs 276 images/s), the default model's 1.1x (2,111 vs 1,888; README, "Performance").
+_YNN_FUSIONS = ("DOT", "ELTWISE", "REDUCE")
 
 
-def compiler_options(backend: str, batch_norm: bool = False) -> dict[str, str]:
-    """XLA options for the step functions: YNNPACK fusions on CPU unless the model has batch norm; none on GPU/TPU."""
-    return dict(_CPU_OPTIONS) if backend == "cpu" and not batch_norm else {}
+def _ynn_fusion_types(*kinds: str) -> dict[str, str]:
+    return {"xla_cpu_experimental_ynn_fusion_type": ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in kinds)}
+
+
+def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags the kernel reports for this CPU; empty where it does not say (not Linux)."""
+    try:
+        with open(cpuinfo_path) as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def compiler_options(backend: str, batch_norm: bool = False, flags: frozenset[str] | None = None) -> dict[str, str]:
+    """XLA options for the step functions on this CPU (`flags`, default `cpu_flags()`); none on GPU/TPU.
+
+    YNNPACK fusions of dots, elementwise ops and reductions, plus convolutions where the CPU has AVX-512; with
+    AVX-512, batch-norm models keep XLA's defaults. A CPU whose flags are unknown is treated as AVX-512."""
+    if backend != "cpu":
+        return {}
+    flags = cpu_flags() if flags is None else flags
+    if flags and "avx512f" not in flags:
+        return _ynn_fusion_types(*_YNN_FUSIONS)
+    return {} if batch_norm else _ynn_fusion_types(*_YNN_FUSIONS, "INDIVIDUAL_CONVOLUTION")
 
 
 def compile_for_backend(jitted: Any, state: TrainState, *example_args: Any) -> Any:
