@@ -178,7 +178,8 @@ def run(batch_sizes, dtypes, steps_per_window: int, windows: int, implementation
     if backend == "cpu":
         fusions = steps.compiler_options(backend, batch_norm=PRESETS[preset].batch_norm).get(
             "xla_cpu_experimental_ynn_fusion_type", "XLA defaults").replace("LIBRARY_FUSION_TYPE_", "")
-        avx512 = "avx512f" in steps.cpu_flags() if steps.cpu_flags() else None
+        flags = steps.cpu_flags()
+        avx512 = "avx512f" in flags if flags else None
     rows = []
     split = synthetic_split(NUM_EXAMPLES)
     for dtype in dtypes:

@@ -158,8 +158,9 @@ def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
 # broadcasts out as whole tensors rather than fusing them into their consumers, so those models keep XLA's defaults.
 # On a CPU without AVX-512 (a 2-core AMD EPYC Zen 3), YNNPACK's convolutions are the problem: the kernel gradient of
 # `strong`'s second conv (32 -> 32 channels on 28x28), a convolution with a 28x28 window, took 685 ms of a 1,160 ms
-# step under XLA's defaults, which include them. There every model keeps the other fusions and leaves convolutions to XLA: on two devices the `strong`
-# step ran 2.2x as fast (599 vs 276 images/s), the default model's 1.1x (2,111 vs 1,888; README, "Performance").
+# step under XLA's defaults, which include them. There every model keeps the other fusions and leaves convolutions
+# to XLA: on two devices the `strong` step ran 2.2x as fast (599 vs 276 images/s), the default model's 1.1x (2,111
+# vs 1,888; README, "Performance").
 _YNN_FUSIONS = ("DOT", "ELTWISE", "REDUCE")
 
 
