@@ -176,10 +176,10 @@ def run(batch_sizes, dtypes, steps_per_window: int, windows: int, implementation
     backend = jax.default_backend()
     fusions, avx512 = None, None  # what the CPU path compiles with, and on what
     if backend == "cpu":
-        fusions = steps.compiler_options(backend, batch_norm=PRESETS[preset].batch_norm).get(
-            "xla_cpu_experimental_ynn_fusion_type", "XLA defaults").replace("LIBRARY_FUSION_TYPE_", "")
         flags = steps.cpu_flags()
         avx512 = "avx512f" in flags if flags else None
+        fusions = steps.compiler_options(backend, batch_norm=PRESETS[preset].batch_norm, flags=flags).get(
+            "xla_cpu_experimental_ynn_fusion_type", "XLA defaults").replace("LIBRARY_FUSION_TYPE_", "")
     rows = []
     split = synthetic_split(NUM_EXAMPLES)
     for dtype in dtypes:
