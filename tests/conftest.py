@@ -119,6 +119,14 @@ def tiny_run(tmp_path_factory, tiny_data_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def strong_tiny_run(tmp_path_factory, tiny_data_dir) -> Path:
+    """The `strong` preset (augmentation, batch norm, dropout, moving average, a clean final epoch, final
+    test-time augmentation) trained 3 epochs on tiny_digits with a quarter held out for validation."""
+    return trained_once(tmp_path_factory, "strong-tiny-run", "--data-dir", tiny_data_dir, "--config", "strong",
+                        *TINY_FLAGS, *STRONG_TINY_FLAGS)
+
+
+@pytest.fixture(scope="session")
 def mnist_run(tmp_path_factory, shared_data_dir) -> Path:
     """The default model trained for one epoch on the real MNIST (~99% test accuracy)."""
     return trained_once(tmp_path_factory, "mnist-run", "--data-dir", shared_data_dir, "--epochs", "1",
@@ -148,6 +156,34 @@ def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.Comp
     )
 
 
+def run_main_in_process(main, *args: str) -> subprocess.CompletedProcess:
+    """Runs a tool's `main` under the command-line error contract (`cli.run_cli`) in this process, and returns
+    what `run_module` would: exit code, stdout, stderr. For error paths, where a fresh process would spend
+    seconds importing TensorFlow and JAX to print one line; subprocess tests hold the contract end to end."""
+    import contextlib
+    import io
+
+    import jax
+
+    from mnist_jax.cli import run_cli
+
+    jax.devices()  # The backend is up before the tool runs, so it cannot change this process's device count.
+    stdout, stderr = io.StringIO(), io.StringIO()
+    offline = os.environ.get("MNIST_JAX_OFFLINE")
+    os.environ["MNIST_JAX_OFFLINE"] = "1"  # as in cli_env: never wait on a network in tests
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            run_cli(main, [str(arg) for arg in args])
+    except SystemExit as exit_status:  # run_cli always ends in sys.exit
+        code = exit_status.code
+    finally:
+        if offline is None:
+            del os.environ["MNIST_JAX_OFFLINE"]
+        else:
+            os.environ["MNIST_JAX_OFFLINE"] = offline
+    return subprocess.CompletedProcess(list(args), code, stdout.getvalue(), stderr.getvalue())
+
+
 def train_in_process(config, data_dir: Path, workdir: Path, stopped_after_epoch_1_of: Path | None = None):
     """Trains `config` (two 20-step epochs of tiny_digits) in this process on one device and returns its history
     without the timing fields and its latest variables as numpy arrays. With `stopped_after_epoch_1_of`, the
@@ -171,3 +207,4 @@ def train_in_process(config, data_dir: Path, workdir: Path, stopped_after_epoch_
 
 # Small, fast settings for CLI runs on tiny_digits.
 TINY_FLAGS = ("--dataset", TINY, "--batch-size", "32", "--eval-batch-size", "100", "--no-progress")
+STRONG_TINY_FLAGS = ("--epochs", "3", "--warmup-epochs", "0.5", "--validation-fraction", "0.25")  # strong_tiny_run

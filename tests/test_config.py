@@ -26,11 +26,9 @@ def test_presets_are_valid_and_default_is_the_plain_config():
         preset("huge")
 
 
-def test_strong_preset_with_overrides_lands_in_config_json(tiny_data_dir, tmp_path):
-    workdir = tmp_path / "w"
-    result = run_module("mnist_jax.train", "--workdir", workdir, "--data-dir", tiny_data_dir, "--config", "strong",
-                        *TINY_FLAGS, "--epochs", "3", "--warmup-epochs", "0.5", "--validation-fraction", "0.25")
-    assert result.returncode == 0, result.stderr
+def test_strong_preset_with_overrides_lands_in_config_json(strong_tiny_run, tiny_data_dir):
+    """strong_tiny_run is `train --config strong` with TINY_FLAGS and STRONG_TINY_FLAGS overriding fields."""
+    workdir = strong_tiny_run
     saved = Config.from_dict(json.loads((workdir / "config.json").read_text()))
     assert saved == dataclasses.replace(PRESETS["strong"], dataset="tiny_digits", batch_size=32, eval_batch_size=100,
                                         epochs=3, warmup_epochs=0.5, validation_fraction=0.25)

@@ -13,9 +13,10 @@ from mnist_jax.checkpoint import restore_model
 from mnist_jax.data import load_split_numpy
 from mnist_jax.config import UserError
 from mnist_jax.evaluate import evaluate
+from mnist_jax.evaluate import main as evaluate_main
 from mnist_jax.inference import check_same_task
 
-from conftest import TINY, TINY_FLAGS, numpy_softmax, run_module
+from conftest import TINY, TINY_FLAGS, numpy_softmax, run_main_in_process, run_module
 
 PLOTS = ("confusion_matrix.png", "samples.png", "mistakes.png", "per_class.png")
 
@@ -68,7 +69,8 @@ def test_evaluate_every_example_once_with_a_partial_last_batch(tiny_run, tiny_da
     (("--split", "validation"), "has no split 'validation'"),
 ])
 def test_evaluate_bad_input(tiny_run, tiny_data_dir, args, message):
-    result = run_module("mnist_jax.evaluate", "--workdir", tiny_run, "--data-dir", tiny_data_dir, *args)
+    # `python -m mnist_jax.evaluate ...`, in this process (the command's main and error contract, no start-up)
+    result = run_main_in_process(evaluate_main, "--workdir", tiny_run, "--data-dir", tiny_data_dir, *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 

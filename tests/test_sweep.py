@@ -13,7 +13,7 @@ from mnist_jax import sweep
 from mnist_jax.config import Config, UserError
 from mnist_jax.workdir import read_metrics
 
-from conftest import REPO, TINY_FLAGS, cli_env, run_module
+from conftest import REPO, TINY_FLAGS, cli_env, run_main_in_process, run_module
 
 
 def test_grid_values_are_typed_like_the_flags():
@@ -69,7 +69,7 @@ def test_wall_time_adds_up_across_resumed_processes():
     (("--grid", "epochs=1", "--random", "0"), "--random must be a positive integer"),
 ])
 def test_cli_rejects_bad_grids_with_one_line(tmp_path, args, message):
-    result = run_module("mnist_jax.sweep", "--workdir", tmp_path / "s", *args)
+    result = run_main_in_process(sweep.main, "--workdir", tmp_path / "s", *args)  # `python -m mnist_jax.sweep`
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "s").exists()

@@ -1,4 +1,5 @@
-"""The training command, run as a user runs it: `python -m mnist_jax.train` in a subprocess."""
+"""The training command, run as a user runs it: `python -m mnist_jax.train` in a subprocess (its many bad-input
+cases call the same `main` in this process)."""
 
 import json
 import os
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 
 from mnist_jax.checkpoint import restore_model
+from mnist_jax.train import main as train_main
 
-from conftest import REPO, TINY_FLAGS, cli_env, run_module
+from conftest import REPO, TINY_FLAGS, cli_env, run_main_in_process, run_module
 
 TIMING_FIELDS = {"train_images_per_second", "elapsed_seconds"}  # wall-clock facts, not results
 
@@ -88,15 +90,17 @@ def test_restored_model_reproduces_the_logged_test_accuracy(finished_run, tiny_d
     assert np.mean(predictions == labels) == pytest.approx(logged, abs=1e-9)
 
 
-def test_final_tta_reports_what_evaluate_tta_computes(tiny_data_dir, tmp_path):
-    """--final-tta: the last epoch's entry and train's final line carry the test-time-augmented figures, equal to
-    `evaluate --tta` of the same checkpoint (itself checked against numpy and scipy in test_evaluate.py)."""
+def test_final_tta_reports_what_evaluate_tta_computes(strong_tiny_run, tiny_data_dir, tmp_path):
+    """final_tta (on in `strong`): the last epoch's entry and train's final line carry the test-time-augmented
+    figures, equal to `evaluate --tta` of the same checkpoint (itself checked against numpy and scipy in
+    test_evaluate.py)."""
+    import shutil
+
     workdir = tmp_path / "w"
-    result = train(workdir, tiny_data_dir, "--epochs", "2", "--learning-rate", "1e-4", "--augment-rotation", "10",
-                   "--validation-fraction", "0.25", "--final-tta", "true")
-    assert result.returncode == 0, result.stderr
-    first, last = read_jsonl(workdir / "metrics.jsonl")
-    assert not [key for key in first if "tta" in key]  # only the finished model is evaluated with the views
+    shutil.copytree(strong_tiny_run, workdir)  # evaluate writes into the workdir; other tests share the run
+    stdout = Path(f"{strong_tiny_run}.stdout").read_text()
+    *earlier, last = read_jsonl(workdir / "metrics.jsonl")
+    assert earlier and not [key for entry in earlier for key in entry if "tta" in key]  # only the finished model
     for split, name in (("test", "test"), ("train[75%:]", "validation")):  # the validation slice is the tail
         evaluated = run_module("mnist_jax.evaluate", "--workdir", workdir, "--data-dir", tiny_data_dir, "--tta",
                                "--split", split, "--checkpoint", "latest")
@@ -109,7 +113,7 @@ def test_final_tta_reports_what_evaluate_tta_computes(tiny_data_dir, tmp_path):
         assert last[f"{name}_tta_loss"] == pytest.approx(-np.log(picked).mean(), rel=1e-6)
         assert last[f"{name}_tta_loss"] != pytest.approx(last[f"{name}_loss"], rel=1e-3)  # the views changed it
     assert (f"final test accuracy {last['test_accuracy']:.2%}, {last['test_tta_accuracy']:.2%} with test-time "
-            "augmentation") in result.stdout
+            "augmentation") in stdout
 
 
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(finished_run, tiny_data_dir, tmp_path):
@@ -166,9 +170,11 @@ BAD_FLAGS = [
 def test_bad_input_is_one_line_exit_2_and_leaves_the_workdir_alone(finished_run, tiny_data_dir, flags, message):
     workdir, _ = finished_run
     before = snapshot(workdir)
-    # Against a fresh workdir (nothing may be created) and the finished one (nothing may change).
+    # Against a fresh workdir (nothing may be created) and the finished one (nothing may change). In this process:
+    # the same main and error contract as the command, without 30 start-ups of TensorFlow and JAX.
     for target in (workdir.parent / f"fresh-{abs(hash(flags))}", workdir):
-        result = train(target, tiny_data_dir, *flags)
+        result = run_main_in_process(train_main, "--workdir", target, "--data-dir", tiny_data_dir, *TINY_FLAGS,
+                                     *flags)
         assert result.returncode == 2, result.stderr
         messages = message if isinstance(message, tuple) else (message,)
         assert any(m in result.stderr for m in messages), result.stderr
