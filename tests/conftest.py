@@ -162,6 +162,7 @@ def run_main_in_process(main, *args: str) -> subprocess.CompletedProcess:
     seconds importing TensorFlow and JAX to print one line; subprocess tests hold the contract end to end."""
     import contextlib
     import io
+    from unittest import mock
 
     import jax
 
@@ -169,19 +170,11 @@ def run_main_in_process(main, *args: str) -> subprocess.CompletedProcess:
 
     jax.devices()  # The backend is up before the tool runs, so it cannot change this process's device count.
     stdout, stderr = io.StringIO(), io.StringIO()
-    offline = os.environ.get("MNIST_JAX_OFFLINE")
-    os.environ["MNIST_JAX_OFFLINE"] = "1"  # as in cli_env: never wait on a network in tests
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            run_cli(main, [str(arg) for arg in args])
-    except SystemExit as exit_status:  # run_cli always ends in sys.exit
-        code = exit_status.code
-    finally:
-        if offline is None:
-            del os.environ["MNIST_JAX_OFFLINE"]
-        else:
-            os.environ["MNIST_JAX_OFFLINE"] = offline
-    return subprocess.CompletedProcess(list(args), code, stdout.getvalue(), stderr.getvalue())
+    with (mock.patch.dict(os.environ, MNIST_JAX_OFFLINE="1"),  # as in cli_env: never wait on a network in tests
+          contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr),
+          pytest.raises(SystemExit) as exit_status):  # run_cli always ends in sys.exit
+        run_cli(main, [str(arg) for arg in args])
+    return subprocess.CompletedProcess(list(args), exit_status.value.code, stdout.getvalue(), stderr.getvalue())
 
 
 def train_in_process(config, data_dir: Path, workdir: Path, stopped_after_epoch_1_of: Path | None = None):
