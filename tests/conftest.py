@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,24 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "tensorflow_datasets"
 TINY = "tiny_digits"  # The synthetic dataset's tfds name.
+
+
+XLA_CACHE_VARIABLE = "MNIST_JAX_TESTS_XLA_CACHE"  # the session's compilation cache, for the CLIs tests start
+
+
+def pytest_configure(config):
+    """One XLA compilation cache on disk for every CLI the session starts, which would otherwise each compile the
+    same steps and Flax's op-by-op init anew (a tiny `train` run: ~21 s cold, ~13 s warm). A loaded executable is
+    the one compiled, so results are the same bits. The test processes themselves keep JAX's default (no disk
+    cache): their eager code compiles thousands of small programs once each, and writing those costs more than it
+    saves. Made by the controller before it starts the xdist workers, which inherit the variable."""
+    if not os.environ.get(XLA_CACHE_VARIABLE):
+        config.xla_cache_dir = os.environ[XLA_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="mnist_jax-xla-cache-")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "xla_cache_dir", None):
+        shutil.rmtree(config.xla_cache_dir, ignore_errors=True)
 
 
 def make_tiny_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -128,9 +148,10 @@ def strong_tiny_run(tmp_path_factory, tiny_data_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def mnist_run(tmp_path_factory, shared_data_dir) -> Path:
-    """The default model trained for one epoch on the real MNIST (~99% test accuracy)."""
+    """The default model trained for one epoch on 20,000 real MNIST images: 97.81% test accuracy, where all 60,000
+    give 98.88% in 30 s more; the real-data tests ask for 97% (evaluate), 95% (predict) and 7 of 10 drawn digits."""
     return trained_once(tmp_path_factory, "mnist-run", "--data-dir", shared_data_dir, "--epochs", "1",
-                        "--no-progress", timeout=600)
+                        "--train-examples", "20000", "--no-progress", timeout=600)
 
 
 @pytest.fixture(scope="session")
@@ -145,6 +166,15 @@ def cli_env() -> dict[str, str]:
     env["MNIST_JAX_OFFLINE"] = "1"  # Never wait on a network in tests.
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if XLA_CACHE_VARIABLE in env and "JAX_COMPILATION_CACHE_DIR" not in env:
+        env.update({
+            "JAX_COMPILATION_CACHE_DIR": env[XLA_CACHE_VARIABLE],
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # the init's ~90 small programs too
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+            # A size limit makes JAX lock the cache (filelock) around each read and write, so no process reads an
+            # entry that another is still writing.
+            "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
+        })
     return env
 
 
