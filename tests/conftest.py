@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -190,10 +192,6 @@ def run_main_in_process(main, *args: str) -> subprocess.CompletedProcess:
     """Runs a tool's `main` under the command-line error contract (`cli.run_cli`) in this process, and returns
     what `run_module` would: exit code, stdout, stderr. For error paths, where a fresh process would spend
     seconds importing TensorFlow and JAX to print one line; subprocess tests hold the contract end to end."""
-    import contextlib
-    import io
-    from unittest import mock
-
     import jax
 
     from mnist_jax.cli import run_cli
