@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnist_jax import datacache
 from mnist_jax.config import UserError
 
 # tfds fetches datasets from this host (its GCS mirror) first. Probing it takes milliseconds, whereas
@@ -93,7 +94,8 @@ def _builder(name: str, data_dir: str | None):
 def load_split_numpy(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     """One split as host arrays (uint8 images, int32 labels), in the split's stored order.
 
-    Cached per process (read-only arrays), so a study training many runs in one process reads each split once.
+    Decoded by tfds (TensorFlow) once per dataset and split, then read from `datacache` on disk; cached per process
+    too (read-only arrays), so a study training many runs in one process reads each split once.
     """
     return _load_split_cached(name, split, data_dir)
 
@@ -105,11 +107,19 @@ def _load_split_cached(name: str, split: str, data_dir: str | None) -> tuple[np.
     builder = _builder(name, data_dir)
     if split.split("[")[0] not in builder.info.splits:
         raise UserError(f"dataset {name!r} has no split {split!r}; it has: {', '.join(builder.info.splits)}")
-    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
-    images = arrays["image"]
-    if images.ndim == 3:
-        images = images[..., None]
-    images, labels = images.astype(np.uint8), arrays["label"].astype(np.int32)
+
+    def decode() -> tuple[np.ndarray, np.ndarray]:
+        arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+        images = arrays["image"]
+        return (images[..., None] if images.ndim == 3 else images).astype(np.uint8), arrays["label"].astype(np.int32)
+
+    try:
+        num_examples = builder.info.splits[split].num_examples
+    except ValueError as error:  # tfds's own message names the format, in its first line
+        raise UserError(f"bad split {split!r}: {str(error).splitlines()[0]}")
+    if num_examples <= 0:
+        raise UserError(f"split {split!r} of dataset {name!r} holds no examples")
+    images, labels = datacache.load_or_decode(str(builder.data_dir), split, num_examples, decode)
     images.flags.writeable = labels.flags.writeable = False  # shared by every caller of the cache
     return images, labels
 

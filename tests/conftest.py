@@ -16,6 +16,8 @@ from unittest import mock
 import numpy as np
 import pytest
 
+from mnist_jax.datacache import CACHE_VARIABLE as DATA_CACHE_VARIABLE
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "tensorflow_datasets"
 TINY = "tiny_digits"  # The synthetic dataset's tfds name.
@@ -25,18 +27,27 @@ XLA_CACHE_VARIABLE = "MNIST_JAX_TESTS_XLA_CACHE"  # the session's compilation ca
 
 
 def pytest_configure(config):
-    """One XLA compilation cache on disk for every CLI the session starts, which would otherwise each compile the
-    same steps and Flax's op-by-op init anew (a tiny `train` run: ~21 s cold, ~13 s warm). A loaded executable is
-    the one compiled, so results are the same bits. The test processes themselves keep JAX's default (no disk
-    cache): their eager code compiles thousands of small programs once each, and writing those costs more than it
-    saves. Made by the controller before it starts the xdist workers, which inherit the variable."""
+    """Caches on disk for the session, made by the controller before it starts the xdist workers (which inherit
+    the variables) and removed at its end:
+
+    - One XLA compilation cache for every CLI the session starts, which would otherwise each compile the same steps
+      and Flax's op-by-op init anew (a tiny `train` run: ~21 s cold, ~13 s warm). A loaded executable is the one
+      compiled, so results are the same bits. The test processes themselves keep JAX's default (no disk cache):
+      their eager code compiles thousands of small programs once each, and writing those costs more than it saves.
+    - The decoded-split cache (`mnist_jax.datacache`) in a directory of the session's own, so the CLIs skip
+      TensorFlow's import and tfds's decoding (~8 s each) once a split has been read. A user's own
+      MNIST_JAX_DATA_CACHE (a directory, or `off`) is respected, as JAX_COMPILATION_CACHE_DIR is.
+    """
     if not os.environ.get(XLA_CACHE_VARIABLE):
-        config.xla_cache_dir = os.environ[XLA_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="mnist_jax-xla-cache-")
+        config.session_cache_dir = tempfile.mkdtemp(prefix="mnist_jax-test-caches-")
+        os.environ[XLA_CACHE_VARIABLE] = os.path.join(config.session_cache_dir, "xla")
+        os.mkdir(os.environ[XLA_CACHE_VARIABLE])
+        os.environ.setdefault(DATA_CACHE_VARIABLE, os.path.join(config.session_cache_dir, "data"))
 
 
 def pytest_unconfigure(config):
-    if getattr(config, "xla_cache_dir", None):
-        shutil.rmtree(config.xla_cache_dir, ignore_errors=True)
+    if getattr(config, "session_cache_dir", None):
+        shutil.rmtree(config.session_cache_dir, ignore_errors=True)
 
 
 def make_tiny_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -67,6 +67,8 @@ def test_evaluate_every_example_once_with_a_partial_last_batch(tiny_run, tiny_da
     (("--workdir", "/nonexistent/run"), "no checkpoints found"),
     (("--checkpoint", "12345"), "--checkpoint must be best, latest or one of the saved steps"),
     (("--split", "validation"), "has no split 'validation'"),
+    (("--split", "test[:200%]"), "bad split 'test[:200%]': Error parsing split"),
+    (("--split", "test[5:2]"), "split 'test[5:2]' of dataset 'tiny_digits' holds no examples"),
 ])
 def test_evaluate_bad_input(tiny_run, tiny_data_dir, args, message):
     # `python -m mnist_jax.evaluate ...`, in this process (the command's main and error contract, no start-up)
