@@ -30,8 +30,8 @@ def pytest_configure(config):
     """Caches on disk for the session, made by the controller before it starts the xdist workers (which inherit
     the variables) and removed at its end:
 
-    - One XLA compilation cache for every CLI the session starts, which would otherwise each compile the same steps
-      and Flax's op-by-op init anew (a tiny `train` run: ~21 s cold, ~13 s warm). A loaded executable is the one
+    - One XLA compilation cache for every CLI the session starts, which would otherwise each compile the same init,
+      steps and evaluation anew (a tiny `train` run: ~17 s cold, ~9 s warm). A loaded executable is the one
       compiled, so results are the same bits. The test processes themselves keep JAX's default (no disk cache):
       their eager code compiles thousands of small programs once each, and writing those costs more than it saves.
     - The decoded-split cache (`mnist_jax.datacache`) in a directory of the session's own, so the CLIs skip
@@ -182,7 +182,7 @@ def cli_env() -> dict[str, str]:
     if XLA_CACHE_VARIABLE in env and "JAX_COMPILATION_CACHE_DIR" not in env:
         env.update({
             "JAX_COMPILATION_CACHE_DIR": env[XLA_CACHE_VARIABLE],
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # the init's ~90 small programs too
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # small programs too
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
             # A size limit makes JAX lock the cache (filelock) around each read and write, so no process reads an
             # entry that another is still writing.
