@@ -2,8 +2,8 @@
 
 tfds stores images as PNG inside tfrecord files, and reading them goes through TensorFlow: importing it and
 decoding MNIST cost ~8 s in every process, for 55 MB of pixels. The first read of a split keeps its arrays in one
-`.npz` file; later processes load that in milliseconds. The file's name carries a hash of the prepared dataset's files, so
-a re-prepared or different dataset never meets an old entry.
+`.npz` file; later processes load that in milliseconds. The file's name carries a hash of the prepared dataset's
+files, so a re-prepared or different dataset never meets an old entry.
 
 Where: `$MNIST_JAX_DATA_CACHE`, else `$XDG_CACHE_HOME/mnist_jax/data`, else `~/.cache/mnist_jax/data`;
 `MNIST_JAX_DATA_CACHE=off` turns it off. An unreadable entry is decoded again and replaced; a cache that cannot
