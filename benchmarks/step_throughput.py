@@ -5,8 +5,8 @@
     python benchmarks/step_throughput.py --config strong --batch-sizes 128   # the strong preset's model
 
 Each figure is the median of several timed windows after warm-up, every window ended by block_until_ready.
-Compile time is the first call's time minus a steady-state call's. The first line names the CPU's instruction set
-and the XLA:CPU library fusions our paths compile with (`steps.compiler_options`; the reference keeps XLA's
+Compile time is the first call's time minus a steady-state call's. The first line names the CPU's vendor and
+instruction set and the XLA:CPU library fusions our paths compile with (`steps.compiler_options`; the reference keeps XLA's
 defaults). Paths measured:
 
 - reference: the Flax MNIST example's loop: jit(value_and_grad) and a separate jit(apply_gradients), a Python
@@ -174,11 +174,12 @@ def run(batch_sizes, dtypes, steps_per_window: int, windows: int, implementation
         ) -> list[dict]:
     device = jax.devices()[0]
     backend = jax.default_backend()
-    fusions, avx512 = None, None  # what the CPU path compiles with, and on what
+    fusions, avx512, vendor = None, None, None  # what the CPU path compiles with, and on what
     if backend == "cpu":
-        flags = steps.cpu_flags()
+        flags, vendor = steps.cpu_flags(), steps.cpu_vendor()
         avx512 = "avx512f" in flags if flags else None
-        fusions = steps.compiler_options(backend, batch_norm=PRESETS[preset].batch_norm, flags=flags).get(
+        fusions = steps.compiler_options(backend, batch_norm=PRESETS[preset].batch_norm, flags=flags,
+                                         vendor=vendor).get(
             "xla_cpu_experimental_ynn_fusion_type", "XLA defaults").replace("LIBRARY_FUSION_TYPE_", "")
     rows = []
     split = synthetic_split(NUM_EXAMPLES)
@@ -207,8 +208,8 @@ def run(batch_sizes, dtypes, steps_per_window: int, windows: int, implementation
                 rows.append({
                     "implementation": name, "config": preset, "batch_size": batch_size,
                     "dtype": "float32" if name == "reference" else dtype, **figures,
-                    "backend": backend, "device_kind": device.device_kind, "cpu_avx512": avx512,
-                    "ynn_fusions": fusions,
+                    "backend": backend, "device_kind": device.device_kind, "cpu_vendor": vendor,
+                    "cpu_avx512": avx512, "ynn_fusions": fusions,
                     "speedup_vs_reference": figures["train_images_per_second"] / reference if reference else None,
                 })
     return rows
@@ -218,9 +219,10 @@ def format_table(rows: list[dict]) -> str:
     header = f"{'implementation':<20} {'batch':>5} {'dtype':>8} {'train img/s':>12} {'eval img/s':>12} " \
              f"{'compile s':>9} {'vs ref':>7}"
     first = rows[0]
+    vendor = f", {first['cpu_vendor']}" if first["cpu_vendor"] else ""
     avx512 = {True: ", AVX-512", False: ", no AVX-512", None: ""}[first["cpu_avx512"]]
     fusions = f"YNNPACK fusions: {first['ynn_fusions']}, " if first["ynn_fusions"] else ""
-    lines = [f"backend {first['backend']} ({first['device_kind']}{avx512}), {fusions}--config {first['config']}",
+    lines = [f"backend {first['backend']} ({first['device_kind']}{vendor}{avx512}), {fusions}--config {first['config']}",
              header, "-" * len(header)]
     for r in rows:
         speedup = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-"

@@ -162,14 +162,16 @@ def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
 
 # XLA:CPU runs this model's convolutions single-threaded and leaves bias adds, pooling gradients and the optax
 # update as separate loops. Its YNNPACK library fusions fold those into the convolution and dot kernels and
-# run them multi-threaded: +20-42% train-step throughput on one device of a 2-core AVX-512 CPU (README,
-# "Performance"). They cost batch-norm models 14-29% there instead: their eltwise fusion writes the normalisation's
-# broadcasts out as whole tensors rather than fusing them into their consumers, so those models keep XLA's defaults.
-# On a CPU without AVX-512 (a 2-core AMD EPYC Zen 3), YNNPACK's convolutions are the problem: the kernel gradient of
-# `strong`'s second conv (32 -> 32 channels on 28x28), a convolution with a 28x28 window, took 685 ms of a 1,160 ms
-# step under XLA's defaults, which include them. There every model keeps the other fusions and leaves convolutions
-# to XLA: on two devices the `strong` step ran 2.2x as fast (599 vs 276 images/s), the default model's 1.1x (2,111
-# vs 1,888; README, "Performance").
+# run them multi-threaded: +20-42% train-step throughput on one device of a 2-core AMD EPYC with AVX-512 (Zen 4;
+# README, "Performance"). They cost batch-norm models 14-29% there instead: their eltwise fusion writes the
+# normalisation's broadcasts out as whole tensors rather than fusing them into their consumers, so those models keep
+# XLA's defaults on that CPU. Elsewhere YNNPACK's convolutions are the problem. On an AMD EPYC without AVX-512
+# (Zen 3) the kernel gradient of `strong`'s second conv (32 -> 32 channels on 28x28), a convolution with a 28x28
+# window, took 685 ms of a 1,160 ms step under XLA's defaults, which include them; leaving convolutions to XLA and
+# keeping the other fusions ran the `strong` step 2.2x as fast on two devices (599 vs 276 images/s), the default
+# model's 1.1x (2,111 vs 1,888). On an Intel Xeon with AVX-512 (Emerald Rapids) the same choice beat the Zen 4 one
+# by 1.3x for `strong` (655 vs 490 images/s) and the default model (2,791 vs 2,268) on two devices, 1.7x and 1.6x
+# on one (README, "Performance").
 _YNN_FUSIONS = ("DOT", "ELTWISE", "REDUCE")
 
 
@@ -177,29 +179,44 @@ def _ynn_fusion_types(*kinds: str) -> dict[str, str]:
     return {"xla_cpu_experimental_ynn_fusion_type": ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in kinds)}
 
 
-def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The instruction-set flags the kernel reports for this CPU; empty where it does not say (not Linux)."""
+def _cpuinfo_value(key: str, cpuinfo_path: str) -> str | None:
+    """The value of the first `key : value` line of /proc/cpuinfo; None where there is none (not Linux)."""
     try:
         with open(cpuinfo_path) as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
+                name, colon, value = line.partition(":")
+                if colon and name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return None
 
 
-def compiler_options(backend: str, batch_norm: bool = False, flags: frozenset[str] | None = None) -> dict[str, str]:
-    """XLA options for the step functions on this CPU (`flags`, default `cpu_flags()`); none on GPU/TPU.
+def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags the kernel reports for this CPU; empty where it does not say (not Linux)."""
+    return frozenset((_cpuinfo_value("flags", cpuinfo_path) or "").split())
 
-    YNNPACK fusions of dots, elementwise ops and reductions, plus convolutions where the CPU has AVX-512; with
-    AVX-512, batch-norm models keep XLA's defaults. A CPU whose flags are unknown is treated as AVX-512."""
+
+def cpu_vendor(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor as the kernel reports it (`AuthenticAMD`, `GenuineIntel`); '' where it does not say."""
+    return _cpuinfo_value("vendor_id", cpuinfo_path) or ""
+
+
+def compiler_options(backend: str, batch_norm: bool = False, flags: frozenset[str] | None = None,
+                     vendor: str | None = None) -> dict[str, str]:
+    """XLA options for the step functions on this CPU (`flags` and `vendor`, default this machine's); none on
+    GPU/TPU.
+
+    YNNPACK fusions of dots, elementwise ops and reductions; plus convolutions on AMD CPUs with AVX-512, where
+    batch-norm models keep XLA's defaults instead. The choice depends on the CPU alone (never on a timing), so a seed
+    gives one result on a machine. A CPU whose flags are unknown (not Linux, ARM) is treated as that AMD one."""
     if backend != "cpu":
         return {}
     flags = cpu_flags() if flags is None else flags
-    if flags and "avx512f" not in flags:
-        return _ynn_fusion_types(*_YNN_FUSIONS)
-    return {} if batch_norm else _ynn_fusion_types(*_YNN_FUSIONS, "INDIVIDUAL_CONVOLUTION")
+    vendor = cpu_vendor() if vendor is None else vendor
+    if not flags or ("avx512f" in flags and vendor == "AuthenticAMD"):
+        return {} if batch_norm else _ynn_fusion_types(*_YNN_FUSIONS, "INDIVIDUAL_CONVOLUTION")
+    return _ynn_fusion_types(*_YNN_FUSIONS)
 
 
 def compile_for_backend(jitted: Any, state: TrainState, *example_args: Any) -> Any:

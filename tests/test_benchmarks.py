@@ -9,7 +9,8 @@ from mnist_jax import steps
 from conftest import REPO, cli_env
 
 FIELDS = {"implementation", "config", "batch_size", "dtype", "train_images_per_second", "eval_images_per_second",
-          "compile_seconds", "backend", "device_kind", "speedup_vs_reference", "cpu_avx512", "ynn_fusions"}
+          "compile_seconds", "backend", "device_kind", "speedup_vs_reference", "cpu_vendor", "cpu_avx512",
+          "ynn_fusions"}
 
 
 def test_step_throughput_json_on_a_tiny_run():
@@ -25,6 +26,7 @@ def test_step_throughput_json_on_a_tiny_run():
         assert row["batch_size"] == 8 and row["dtype"] == "float32" and row["backend"] == "cpu"
         assert row["config"] == "default"
         assert row["cpu_avx512"] == ("avx512f" in steps.cpu_flags() if steps.cpu_flags() else None)
+        assert row["cpu_vendor"] == steps.cpu_vendor()
         assert row["ynn_fusions"] == steps.compiler_options("cpu")["xla_cpu_experimental_ynn_fusion_type"].replace(
             "LIBRARY_FUSION_TYPE_", "")
         assert row["train_images_per_second"] > 0 and row["eval_images_per_second"] > 0
