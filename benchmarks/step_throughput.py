@@ -6,8 +6,8 @@
 
 Each figure is the median of several timed windows after warm-up, every window ended by block_until_ready.
 Compile time is the first call's time minus a steady-state call's. The first line names the CPU's vendor and
-instruction set and the XLA:CPU library fusions our paths compile with (`steps.compiler_options`; the reference keeps XLA's
-defaults). Paths measured:
+instruction set and the XLA:CPU library fusions our paths compile with (`steps.compiler_options`; the reference
+keeps XLA's defaults). Paths measured:
 
 - reference: the Flax MNIST example's loop: jit(value_and_grad) and a separate jit(apply_gradients), a Python
   loop on the host, batches taken by indexing device arrays of pre-normalised float32 images.
@@ -222,7 +222,8 @@ def format_table(rows: list[dict]) -> str:
     vendor = f", {first['cpu_vendor']}" if first["cpu_vendor"] else ""
     avx512 = {True: ", AVX-512", False: ", no AVX-512", None: ""}[first["cpu_avx512"]]
     fusions = f"YNNPACK fusions: {first['ynn_fusions']}, " if first["ynn_fusions"] else ""
-    lines = [f"backend {first['backend']} ({first['device_kind']}{vendor}{avx512}), {fusions}--config {first['config']}",
+    lines = [f"backend {first['backend']} ({first['device_kind']}{vendor}{avx512}), {fusions}"
+             f"--config {first['config']}",
              header, "-" * len(header)]
     for r in rows:
         speedup = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-"

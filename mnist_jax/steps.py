@@ -175,7 +175,9 @@ def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
 _YNN_FUSIONS = ("DOT", "ELTWISE", "REDUCE")
 
 
-def _ynn_fusion_types(*kinds: str) -> dict[str, str]:
+def ynn_fusion_options(*kinds: str) -> dict[str, str]:
+    """XLA:CPU compiler options that put these kinds of op (DOT, ELTWISE, REDUCE, INDIVIDUAL_CONVOLUTION) into
+    YNNPACK library fusions; no kinds turns YNNPACK fusions off."""
     return {"xla_cpu_experimental_ynn_fusion_type": ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in kinds)}
 
 
@@ -215,8 +217,8 @@ def compiler_options(backend: str, batch_norm: bool = False, flags: frozenset[st
     flags = cpu_flags() if flags is None else flags
     vendor = cpu_vendor() if vendor is None else vendor
     if not flags or ("avx512f" in flags and vendor == "AuthenticAMD"):
-        return {} if batch_norm else _ynn_fusion_types(*_YNN_FUSIONS, "INDIVIDUAL_CONVOLUTION")
-    return _ynn_fusion_types(*_YNN_FUSIONS)
+        return {} if batch_norm else ynn_fusion_options(*_YNN_FUSIONS, "INDIVIDUAL_CONVOLUTION")
+    return ynn_fusion_options(*_YNN_FUSIONS)
 
 
 def compile_for_backend(jitted: Any, state: TrainState, *example_args: Any) -> Any:

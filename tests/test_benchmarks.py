@@ -56,3 +56,26 @@ def test_step_throughput_of_a_batch_norm_preset_leaves_the_reference_out():
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["implementation"], r["config"]) for r in rows] == [("per_step", "strong")]
     assert rows[0]["speedup_vs_reference"] is None and rows[0]["train_images_per_second"] > 0
+
+
+def test_fusion_choice_times_every_candidate_and_marks_what_train_compiles_with():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/fusion_choice.py", "--batch-size", "8", "--steps", "1", "--rounds", "2",
+         "--cpu-devices", "2", "--json"], capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["fusions"] for r in rows] == ["xla-defaults", "none", "dot,eltwise,reduce",
+                                            "dot,eltwise,reduce,convolution"]
+    chosen = steps.compiler_options("cpu", batch_norm=False).get("xla_cpu_experimental_ynn_fusion_type", "")
+    assert [r["fusions"] for r in rows if r["chosen"]] == [
+        chosen.replace("LIBRARY_FUSION_TYPE_", "").lower().replace("individual_", "") or "xla-defaults"]
+    for row in rows:
+        assert row["devices"] == 2 and row["batch_size"] == 8 and row["config"] == "default"
+        assert 0 < row["slowest"] <= row["train_images_per_second"] <= row["fastest"]
+        assert row["cpu_vendor"] == steps.cpu_vendor()
+
+
+def test_fusion_choice_rejects_bad_arguments():
+    result = subprocess.run([sys.executable, "benchmarks/fusion_choice.py", "--rounds", "0"],
+                            capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    assert result.returncode == 2 and "must be positive" in result.stderr.splitlines()[-1]

@@ -199,7 +199,8 @@ def test_cpu_compiler_options_follow_the_cpu(flags, vendor, batch_norm, expected
 def test_cpu_flags_and_vendor_read_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
-                       "flags\t\t: fpu sse2 avx2 fma\nvmx flags\t: ept\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n")
+                       "flags\t\t: fpu sse2 avx2 fma\nvmx flags\t: ept\n\n"
+                       "processor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n")
     assert steps.cpu_flags(str(cpuinfo)) == frozenset({"fpu", "sse2", "avx2", "fma"})
     assert steps.cpu_vendor(str(cpuinfo)) == "AuthenticAMD"
     (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n")
