@@ -107,18 +107,18 @@ def _load_split_cached(name: str, split: str, data_dir: str | None) -> tuple[np.
     builder = _builder(name, data_dir)
     if split.split("[")[0] not in builder.info.splits:
         raise UserError(f"dataset {name!r} has no split {split!r}; it has: {', '.join(builder.info.splits)}")
-
-    def decode() -> tuple[np.ndarray, np.ndarray]:
-        arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
-        images = arrays["image"]
-        return (images[..., None] if images.ndim == 3 else images).astype(np.uint8), arrays["label"].astype(np.int32)
-
     try:
         num_examples = builder.info.splits[split].num_examples
     except ValueError as error:  # tfds's own message names the format, in its first line
         raise UserError(f"bad split {split!r}: {str(error).splitlines()[0]}")
     if num_examples <= 0:
         raise UserError(f"split {split!r} of dataset {name!r} holds no examples")
+
+    def decode() -> tuple[np.ndarray, np.ndarray]:
+        arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+        images = arrays["image"]
+        return (images[..., None] if images.ndim == 3 else images).astype(np.uint8), arrays["label"].astype(np.int32)
+
     images, labels = datacache.load_or_decode(str(builder.data_dir), split, num_examples, decode)
     images.flags.writeable = labels.flags.writeable = False  # shared by every caller of the cache
     return images, labels

@@ -161,17 +161,13 @@ def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
 
 
 # XLA:CPU runs this model's convolutions single-threaded and leaves bias adds, pooling gradients and the optax
-# update as separate loops. Its YNNPACK library fusions fold those into the convolution and dot kernels and
-# run them multi-threaded: +20-42% train-step throughput on one device of a 2-core AMD EPYC with AVX-512 (Zen 4;
-# README, "Performance"). They cost batch-norm models 14-29% there instead: their eltwise fusion writes the
-# normalisation's broadcasts out as whole tensors rather than fusing them into their consumers, so those models keep
-# XLA's defaults on that CPU. Elsewhere YNNPACK's convolutions are the problem. On an AMD EPYC without AVX-512
-# (Zen 3) the kernel gradient of `strong`'s second conv (32 -> 32 channels on 28x28), a convolution with a 28x28
-# window, took 685 ms of a 1,160 ms step under XLA's defaults, which include them; leaving convolutions to XLA and
-# keeping the other fusions ran the `strong` step 2.2x as fast on two devices (599 vs 276 images/s), the default
-# model's 1.1x (2,111 vs 1,888). On an Intel Xeon with AVX-512 (Emerald Rapids) the same choice beat the Zen 4 one
-# by 1.3x for `strong` (655 vs 490 images/s) and the default model (2,791 vs 2,268) on two devices, 1.7x and 1.6x
-# on one (README, "Performance").
+# update as separate loops; YNNPACK library fusions fold those into multi-threaded dot and convolution kernels.
+# Which fusions pay depends on the CPU (README, "Performance", has the tables). Dots, elementwise ops and
+# reductions everywhere: 1.2-1.5x over none on Zen 3 and on the Xeon. YNNPACK's convolutions only on AMD with
+# AVX-512 (Zen 4: +20-42%), and there not for batch-norm models, which keep XLA's defaults (their eltwise fusion
+# writes the normalisation's broadcasts out as whole tensors). On Zen 3 and on an Intel Xeon with AVX-512 YNNPACK's
+# convolutions are slow (one kernel gradient took 685 of a 1,160 ms `strong` step on Zen 3): without them `strong`
+# trained 2.2x and 1.3x as fast.
 _YNN_FUSIONS = ("DOT", "ELTWISE", "REDUCE")
 
 
