@@ -61,7 +61,7 @@ class Config:
         "(0: one-hot); evaluation losses stay plain cross-entropy")
     batch_size: int = _field(128, "training batch size (split across --devices)")
     epochs: int = _field(3, "passes over the training split")
-    seed: int = _field(0, "seed of every random choice: init, shuffling, dropout")
+    seed: int = _field(0, "seed of every random choice: init, shuffling, dropout, augmentation")
     eval_batch_size: int = _field(1000, "batch size of evaluation passes")
     ema_decay: float = _field(
         0.0, "evaluate, checkpoint and predict with an exponential moving average of the weights and batch-norm "
