@@ -114,6 +114,31 @@ def random_warp(key: jax.Array, images: jax.Array, limits: Augmentation) -> jax.
     return jnp.clip(warped, 0.0, 255.0)
 
 
+def deskew(images: jax.Array) -> jax.Array:
+    """A batch (B, H, W, C) of pixel values with each example's slant removed: every row is shifted sideways in
+    proportion to its height above or below the centre of mass, by the slope that makes the pixels' row-column
+    covariance zero (the classic MNIST preprocessing, the "deskewed" rows of LeCun et al. 1998). Position, height
+    and stroke width are kept; a blank image stays blank."""
+    pixels = images.astype(jnp.float32)
+    batch, height, width = pixels.shape[:3]
+    rows = jnp.arange(height, dtype=jnp.float32)[:, None]
+    cols = jnp.arange(width, dtype=jnp.float32)[None, :]
+    ink = pixels.sum(-1)
+    mass = jnp.maximum(ink.sum((1, 2)), 1e-6)
+    centre_y = (ink * rows).sum((1, 2)) / mass
+    centre_x = (ink * cols).sum((1, 2)) / mass
+    dy = rows - centre_y[:, None, None]
+    dx = cols - centre_x[:, None, None]
+    var_y = (ink * dy * dy).sum((1, 2)) / mass
+    cov_yx = (ink * dy * dx).sum((1, 2)) / mass
+    slope = jnp.where(var_y > 1e-6, cov_yx / jnp.maximum(var_y, 1e-6), 0.0)
+    # Output pixel (r, c) reads input (r, c + slope * (r - centre_y)): a horizontal shear about the centre of mass.
+    fields = jnp.stack([jnp.zeros_like(dy), jnp.broadcast_to(slope[:, None, None] * dy, dy.shape)], axis=1)
+    ones = jnp.ones((batch,), jnp.float32)
+    warped = jax.vmap(warp)(pixels, 0.0 * ones, ones, jnp.zeros((batch, 2), jnp.float32), fields)
+    return jnp.clip(warped, 0.0, 255.0)
+
+
 def apply_view(images: jax.Array, view: View) -> jax.Array:
     """A batch (B, H, W, C) of pixel values, every example warped by the same fixed `view`."""
     batch = images.shape[0]

@@ -48,6 +48,9 @@ class Config:
     batch_norm_groups: int = _field(
         1, "batch-norm statistics per this many equal slices of each training batch (ghost batch norm); "
         "a multiple of the device count keeps them off the interconnect", architecture=True)
+    deskew: bool = _field(
+        False, "remove each image's slant (a horizontal shear about its centre of mass) before the network, in "
+        "training, evaluation, prediction and serving alike", architecture=True)
     dtype: str = _field("float32", "computation dtype, float32 or bfloat16 (parameters stay float32)",
                         architecture=True)
     optimizer: str = _field("adamw", f"one of {', '.join(OPTIMIZERS)}")

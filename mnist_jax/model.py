@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mnist_jax.augment import Augmentation, random_warp
+from mnist_jax.augment import Augmentation, deskew, random_warp
 from mnist_jax.config import Config
 from mnist_jax.data import normalize
 
@@ -32,6 +32,7 @@ class CNN(nn.Module):
     dropout_rate: float = 0.0
     batch_norm: bool = False
     batch_norm_groups: int = 1
+    deskew: bool = False  # remove each image's slant first, after any training augmentation
     dtype: str = "float32"  # computation dtype; parameters are float32 either way
     augment: Augmentation = Augmentation()  # random warps in training only, from the 'augment' PRNG stream
 
@@ -40,6 +41,8 @@ class CNN(nn.Module):
         """uint8 images (B, H, W, C) -> logits (B, num_classes)."""
         if train and self.augment.enabled:
             images = random_warp(self.make_rng("augment"), images, self.augment)
+        if self.deskew:
+            images = deskew(images)
         x = normalize(images, self.mean, self.std).astype(self.dtype)
         for width in self.conv_features:
             for _ in range(self.convs_per_block):
@@ -118,6 +121,7 @@ def build_model(config: Config, num_classes: int, mean: float, std: float) -> CN
         dropout_rate=config.dropout_rate,
         batch_norm=config.batch_norm,
         batch_norm_groups=config.batch_norm_groups,
+        deskew=config.deskew,
         dtype=config.dtype,
         augment=Augmentation(config.augment_rotation, config.augment_scale, config.augment_shift,
                              config.augment_elastic_alpha, config.augment_elastic_sigma),

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from mnist_jax import checkpoint, data, inference, sharding, steps, workdir
 from mnist_jax.cli import ArgumentParser, add_config_flags, add_preset_flag, config_from_args, given_fields, run_cli
 from mnist_jax.config import Config, UserError, incompatible_fields, validate
-from mnist_jax.augment import Augmentation, random_warp
+from mnist_jax.augment import Augmentation, deskew, random_warp
 from mnist_jax.model import build_model
 from mnist_jax.optim import learning_rate_schedule, make_optimizer
 
@@ -229,11 +229,13 @@ def _field(step_metrics, name: str) -> np.ndarray:
 
 
 def _plot_augmentations(workdir_path: str, dataset: data.Dataset, model, key: jax.Array) -> None:
-    """DIR/augmentations.png: eight training images and three random augmentations of each."""
+    """DIR/augmentations.png: eight training images and three random augmentations of each, deskewed where the
+    model deskews (its first layer sees them so)."""
     from mnist_jax.plots import plot_augmentations
 
     originals = np.asarray(dataset.train.images[:8])
-    versions = [np.asarray(random_warp(k, originals, model.augment)).round().astype(np.uint8)
+    straighten = deskew if model.deskew else (lambda images: images)
+    versions = [np.asarray(straighten(random_warp(k, originals, model.augment))).round().astype(np.uint8)
                 for k in jax.random.split(key, 3)]
     plot_augmentations(originals, np.stack(versions), os.path.join(workdir_path, "augmentations.png"))
 

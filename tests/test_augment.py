@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mnist_jax import steps
-from mnist_jax.augment import (TEST_TIME_VIEWS, Augmentation, View, apply_view, elastic_displacements,
+from mnist_jax.augment import (TEST_TIME_VIEWS, Augmentation, View, apply_view, deskew, elastic_displacements,
                                gaussian_blur_matrix, random_warp, warp)
 from mnist_jax.config import Config, UserError, validate
 from mnist_jax.model import build_model
@@ -92,6 +92,54 @@ def test_test_time_views_are_scipys_affine_transforms():
             expected = affine_transform(image[..., 0], matrix, offset, order=1, mode="grid-constant", cval=0.0)
             np.testing.assert_allclose(warped[..., 0], expected, atol=1e-3)
     np.testing.assert_array_equal(np.asarray(apply_view(batch, View())), np.asarray(batch, np.float32))
+
+
+def slant(image: np.ndarray) -> tuple[float, float, float]:
+    """Centre of mass (row, column) and slope cov(row, column) / var(row) of one (H, W) image, in float64."""
+    rows, cols = np.mgrid[:image.shape[0], :image.shape[1]]
+    mass = image.sum()
+    centre_y, centre_x = (image * rows).sum() / mass, (image * cols).sum() / mass
+    dy, dx = rows - centre_y, cols - centre_x
+    return centre_y, centre_x, (image * dy * dx).sum() / (image * dy * dy).sum()
+
+
+def test_deskew_is_scipys_shear_about_the_centre_of_mass():
+    """Against scipy.ndimage.affine_transform with the slope and centre computed in numpy, float64."""
+    from scipy.ndimage import affine_transform
+
+    batch = images(8)
+    ours = np.asarray(deskew(batch))
+    assert ours.shape == batch.shape and ours.min() >= 0 and ours.max() <= 255
+    for image, straight in zip(np.asarray(batch, np.float64)[..., 0], ours[..., 0]):
+        centre_y, _, slope = slant(image)
+        # Output pixel (r, c) reads input (r, c + slope * (r - centre_y)).
+        expected = affine_transform(image, np.array([[1.0, 0.0], [slope, 1.0]]), [0.0, -slope * centre_y],
+                                    order=1, mode="grid-constant", cval=0.0)
+        np.testing.assert_allclose(straight, expected, atol=1e-3)
+
+
+def test_deskew_stands_a_slanted_stroke_upright_and_keeps_its_position():
+    image = np.zeros((28, 28), np.uint8)
+    for row in range(4, 24):  # a bar leaning right as it goes down: one column per two rows
+        column = 8 + row // 2
+        image[row, column:column + 3] = 255
+    before = slant(image.astype(np.float64))
+    straight = np.asarray(deskew(jnp.asarray(image[None, :, :, None])))[0, :, :, 0].astype(np.float64)
+    after = slant(straight)
+    assert before[2] > 0.4 and abs(after[2]) < 1e-3
+    np.testing.assert_allclose(after[:2], before[:2], atol=1e-3)  # centre of mass kept
+    np.testing.assert_allclose(straight.sum(), image.sum(), rtol=1e-4)  # no ink lost
+    columns = [np.average(np.arange(28), weights=straight[row]) for row in range(4, 24)]
+    assert np.ptp(columns) < 1.0  # every row's ink now sits in the same columns (it spanned 10 before)
+
+
+def test_deskew_leaves_upright_and_blank_images_alone():
+    upright = np.zeros((1, 28, 28, 1), np.uint8)
+    upright[0, 6:22, 12:16] = 200
+    upright[0, 6:9, 8:20] = 120  # a symmetric "T": no slant
+    np.testing.assert_allclose(np.asarray(deskew(jnp.asarray(upright))), upright.astype(np.float32), atol=1e-3)
+    blank = np.asarray(deskew(jnp.zeros((2, 28, 28, 1), jnp.uint8)))
+    assert np.isfinite(blank).all() and not blank.any()
 
 
 def test_outputs_stay_in_range_and_examples_get_different_transforms():

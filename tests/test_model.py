@@ -66,6 +66,27 @@ def test_model_normalises_raw_pixels():
     assert jnp.allclose(hidden, expected, atol=1e-5)
 
 
+def test_deskew_runs_inside_the_model_at_evaluation_and_after_training_augmentation(monkeypatch):
+    """`--deskew true` equals the plain model applied to deskewed pixels, in evaluation and in a training step,
+    where the slant is removed from the augmented image (so it also straightens what augmentation slanted)."""
+    from mnist_jax import model as model_module
+    from mnist_jax.augment import deskew
+
+    plain = build_model(Config(), num_classes=10, mean=0.13, std=0.31)
+    straight = build_model(Config(deskew=True), num_classes=10, mean=0.13, std=0.31)
+    variables = init(plain)
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1)), jnp.uint8)
+    expected = plain.apply(variables, deskew(images))
+    np.testing.assert_allclose(straight.apply(variables, images), expected, atol=1e-5)
+    assert not np.allclose(plain.apply(variables, images), expected, atol=1e-3)
+
+    # A fixed stand-in for the random warp (a 3-pixel roll) makes the order visible: deskew must come after it.
+    monkeypatch.setattr(model_module, "random_warp", lambda key, x, limits: jnp.roll(x, 3, axis=2))
+    augmenting = build_model(Config(deskew=True, augment_shift=2.0), num_classes=10, mean=0.13, std=0.31)
+    trained = augmenting.apply(variables, images, train=True, rngs={"augment": jax.random.PRNGKey(3)})
+    np.testing.assert_allclose(trained, plain.apply(variables, deskew(jnp.roll(images, 3, axis=2))), atol=1e-5)
+
+
 @pytest.mark.parametrize("classes", [2, 10, 47])
 def test_number_of_classes(classes):
     model = build_model(Config(), classes, 0.0, 1.0)
