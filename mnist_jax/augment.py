@@ -117,8 +117,8 @@ def random_warp(key: jax.Array, images: jax.Array, limits: Augmentation) -> jax.
 def deskew(images: jax.Array) -> jax.Array:
     """A batch (B, H, W, C) of pixel values with each example's slant removed: every row is shifted sideways in
     proportion to its height above or below the centre of mass, by the slope that makes the pixels' row-column
-    covariance zero (the classic MNIST preprocessing, the "deskewed" rows of LeCun et al. 1998). Position, height
-    and stroke width are kept; a blank image stays blank."""
+    covariance zero (the classic MNIST preprocessing, "deskewing" in the results table of MNIST's home page).
+    Position, height and stroke width are kept; a blank image stays blank."""
     pixels = images.astype(jnp.float32)
     batch, height, width = pixels.shape[:3]
     rows = jnp.arange(height, dtype=jnp.float32)[:, None]
@@ -134,8 +134,7 @@ def deskew(images: jax.Array) -> jax.Array:
     slope = jnp.where(var_y > 1e-6, cov_yx / jnp.maximum(var_y, 1e-6), 0.0)
     # Output pixel (r, c) reads input (r, c + slope * (r - centre_y)): a horizontal shear about the centre of mass.
     fields = jnp.stack([jnp.zeros_like(dy), jnp.broadcast_to(slope[:, None, None] * dy, dy.shape)], axis=1)
-    ones = jnp.ones((batch,), jnp.float32)
-    warped = jax.vmap(warp)(pixels, 0.0 * ones, ones, jnp.zeros((batch, 2), jnp.float32), fields)
+    warped = jax.vmap(warp)(pixels, jnp.zeros((batch,)), jnp.ones((batch,)), jnp.zeros((batch, 2)), fields)
     return jnp.clip(warped, 0.0, 255.0)
 
 
