@@ -1,6 +1,6 @@
 """Does `predict` on image files agree with `evaluate`? The MNIST test set written out as PNG files.
 
-    python benchmarks/predict_agreement.py --workdir runs/mnist --data-dir ../shared/tensorflow_datasets
+    python benchmarks/predict_agreement.py --workdir runs/mnist
 
 Writes each test image as a file in three forms (as it is: light on dark; inverted: black ink on white; RGBA:
 white ink whose alpha is the digit, on a transparent canvas), classifies the files through

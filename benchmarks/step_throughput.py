@@ -6,14 +6,14 @@
 
 Each figure is the median of several timed windows after warm-up, every window ended by block_until_ready.
 Compile time is the first call's time minus a steady-state call's. The first line names the CPU's vendor and
-instruction set and the XLA:CPU library fusions our paths compile with (`steps.compiler_options`; the reference
-keeps XLA's defaults). Paths measured:
+instruction set and the XLA:CPU library fusions our paths compile with (`backend.compiler_options`; the reference
+keeps XLA's defaults); `--markdown` prints the table as Markdown for docs/performance.md. Paths measured:
 
 - reference: the Flax MNIST example's loop: jit(value_and_grad) and a separate jit(apply_gradients), a Python
   loop on the host, batches taken by indexing device arrays of pre-normalised float32 images.
 - per_step: what `python -m mnist_jax.train` runs on CPU: uint8 data on device, a jitted gather, and
-  `steps.train_step` (grad and optax update in one jit, state donated).
-- on_device_epoch: what it runs on GPU/TPU: `steps.train_epoch_on_device`, a `lax.scan` over the epoch's steps.
+  the step of `steps.make_train_step` (grad and optax update in one jit, state donated).
+- on_device_epoch: what it runs on GPU/TPU: `backend.scan_epoch`, a `lax.scan` over the epoch's steps.
 - data_parallel_xN: per_step with each batch split over N devices (only when there are several). On CPU,
   `python -m mnist_jax.train` makes one device per core, so this is what it runs there.
 
@@ -24,8 +24,8 @@ smoothing); the reference loop has no batch-norm state, so it is left out for su
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # as `python -m mnist_jax.train` runs: glibc's malloc on huge pages (mnist_jax.hostmem)
-    from mnist_jax.hostmem import restart_with_huge_pages
+if __name__ == "__main__":  # as `python -m mnist_jax.train` runs: glibc's malloc on huge pages (mnist_jax.backend)
+    from mnist_jax.backend import restart_with_huge_pages
 
     restart_with_huge_pages()
 
@@ -44,7 +44,7 @@ import optax
 from flax.training import train_state
 
 from mnist_jax.cli import quiet_libraries
-from mnist_jax import sharding, steps
+from mnist_jax import backend, sharding, steps
 from mnist_jax.config import PRESETS, Config
 from mnist_jax.data import Split
 from mnist_jax.model import build_model
@@ -124,33 +124,30 @@ def project_paths(config: Config, split: Split, batch_size: int, mesh):
     ones = jax.device_put(jnp.ones(batch_size), batch_sharded)
 
     compiled = {}
-    lockstep = sharding.needs_lockstep(mesh)  # as train.py: several CPU devices must not queue collectives
+    # The preset's model and augmentation, without its recipe's extras (see the module docstring).
+    train_step = steps.make_train_step(dataclasses.replace(config, ema_decay=0.0, label_smoothing=0.0))
+    scanned_epoch = backend.scan_epoch(train_step)
+    settle = backend.settle(mesh)  # as train runs: several CPU devices must not queue collectives
 
     def per_step(indices):
         state = holder["state"]
-        if "train" not in compiled:  # exactly as train.py does: compiled with the backend's XLA options
-            compiled["train"] = steps.compile_for_backend(steps.train_step, state, take(split, indices[0]))
+        if "train" not in compiled:  # exactly as train does: compiled with the backend's XLA options
+            compiled["train"] = backend.compile_for_backend(train_step, state, take(split, indices[0]))
         for idx in indices:
             state, metrics = compiled["train"](state, take(split, idx))
-            if lockstep:
-                jax.block_until_ready(metrics)
+            settle(metrics)
         holder["state"] = state
         return metrics
 
     def on_device_epoch(indices):
-        holder["state"], metrics = steps.train_epoch_on_device(holder["state"], split, jnp.stack(indices))
+        holder["state"], metrics = scanned_epoch(holder["state"], split, jnp.stack(indices))
         return metrics
 
     def eval_steps(indices):
         if "eval" not in compiled:
-            compiled["eval"] = steps.compile_for_backend(steps.eval_step, holder["state"], take(split, indices[0]),
-                                                         ones)
-        outputs = []
-        for idx in indices:
-            outputs.append(compiled["eval"](holder["state"], take(split, idx), ones))
-            if lockstep:
-                jax.block_until_ready(outputs[-1])
-        return outputs
+            compiled["eval"] = backend.compile_for_backend(steps.eval_step, holder["state"], take(split, indices[0]),
+                                                           ones)
+        return [settle(compiled["eval"](holder["state"], take(split, idx), ones)) for idx in indices]
 
     return per_step, on_device_epoch, eval_steps
 
@@ -173,13 +170,13 @@ def measure(train_fn, eval_fn, index_batches, windows: int, batch_size: int) -> 
 def run(batch_sizes, dtypes, steps_per_window: int, windows: int, implementations, preset: str = "default"
         ) -> list[dict]:
     device = jax.devices()[0]
-    backend = jax.default_backend()
+    platform = jax.default_backend()
     fusions, avx512, vendor = None, None, None  # what the CPU path compiles with, and on what
-    if backend == "cpu":
-        flags, vendor = steps.cpu_flags(), steps.cpu_vendor()
+    if platform == "cpu":
+        flags, vendor = backend.cpu_flags(), backend.cpu_vendor()
         avx512 = "avx512f" in flags if flags else None
-        fusions = steps.compiler_options(backend, batch_norm=PRESETS[preset].batch_norm, flags=flags,
-                                         vendor=vendor).get(
+        fusions = backend.compiler_options(platform, batch_norm=PRESETS[preset].batch_norm, flags=flags,
+                                           vendor=vendor).get(
             "xla_cpu_experimental_ynn_fusion_type", "XLA defaults").replace("LIBRARY_FUSION_TYPE_", "")
     rows = []
     split = synthetic_split(NUM_EXAMPLES)
@@ -208,7 +205,7 @@ def run(batch_sizes, dtypes, steps_per_window: int, windows: int, implementation
                 rows.append({
                     "implementation": name, "config": preset, "batch_size": batch_size,
                     "dtype": "float32" if name == "reference" else dtype, **figures,
-                    "backend": backend, "device_kind": device.device_kind, "cpu_vendor": vendor,
+                    "backend": platform, "device_kind": device.device_kind, "cpu_vendor": vendor,
                     "cpu_avx512": avx512, "ynn_fusions": fusions,
                     "speedup_vs_reference": figures["train_images_per_second"] / reference if reference else None,
                 })
@@ -233,6 +230,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list[dict]) -> str:
+    """The table as Markdown, under a line naming the backend, the CPU and the fusions (for docs/performance.md)."""
+    first = rows[0]
+    vendor = f", {first['cpu_vendor']}" if first["cpu_vendor"] else ""
+    avx512 = {True: ", AVX-512", False: ", no AVX-512", None: ""}[first["cpu_avx512"]]
+    fusions = f", YNNPACK fusions: {first['ynn_fusions']}" if first["ynn_fusions"] else ""
+    lines = [f"backend {first['backend']} ({first['device_kind']}{vendor}{avx512}){fusions}, "
+             f"`--config {first['config']}`", "",
+             "| implementation | batch | dtype | train img/s | eval img/s | compile s | vs reference |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        speedup = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-"
+        lines.append(f"| {r['implementation']} | {r['batch_size']} | {r['dtype']} | "
+                     f"{r['train_images_per_second']:,.0f} | {r['eval_images_per_second']:,.0f} | "
+                     f"{r['compile_seconds']:.2f} | {speedup} |")
+    return "\n".join(lines)
+
+
 IMPLEMENTATIONS = ("reference", "per_step", "on_device_epoch", "data_parallel")
 
 
@@ -247,14 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
     parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS,
                         help="default: all; on CPU all but on_device_epoch, which runs ~50x slower there")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    output.add_argument("--markdown", action="store_true", help="a Markdown table (for docs/performance.md)")
     parser.add_argument("--cpu-devices", type=int, default=None,
                         help="split the CPU into this many JAX devices (to measure data_parallel on one machine)")
     args = parser.parse_args(argv)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     else:
-        sharding.use_every_cpu_core()  # as `python -m mnist_jax.train` does
+        backend.use_every_cpu_core()  # as `python -m mnist_jax.train` does
     if min(args.batch_sizes) <= 0 or args.steps <= 0 or args.windows <= 0:
         parser.error("batch sizes, --steps and --windows must be positive")
     implementations = args.implementations or [
@@ -264,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(json.dumps(row))
     else:
-        print(format_table(rows))
+        print(format_markdown(rows) if args.markdown else format_table(rows))
     return 0
 
 

@@ -1,6 +1,6 @@
 """When does transfer learning pay? Scratch vs transfer (frozen features, full fine-tune) at N training examples.
 
-    python benchmarks/transfer_study.py --workdir runs/transfer-study --data-dir ../shared/tensorflow_datasets
+    python benchmarks/transfer_study.py --workdir runs/transfer-study
 
 For each direction (MNIST -> fashion_mnist, fashion_mnist -> MNIST), each N in --sizes and each seed, it trains
 three runs on a class-balanced subset of N target training examples: from scratch, from the source's best
@@ -25,10 +25,10 @@ import sys
 import time
 from typing import Any
 
-from mnist_jax import sharding, transfer, workdir
+from mnist_jax import backend, transfer, workdir
 from mnist_jax.cli import quiet_libraries
-from mnist_jax.config import Config
-from mnist_jax.train import RunOptions, train_and_evaluate
+from mnist_jax.config import Config, RunOptions
+from mnist_jax.training import train_and_evaluate
 
 DIRECTIONS = (("mnist", "fashion_mnist"), ("fashion_mnist", "mnist"))
 METHODS = ("scratch", "transfer-frozen", "transfer-finetune")
@@ -72,7 +72,7 @@ def train_one(root: str, source_dir: str, source: str, target: str, method: str,
     if method != "scratch":
         freeze = "features" if method == "transfer-frozen" else "none"
         base = transfer.plan(run_dir, source_dir, dataclasses.replace(base, freeze=freeze), set(), data_dir)
-        options = dataclasses.replace(options, init_params=transfer.initializer(source_dir))
+        options = dataclasses.replace(options, initial_state=transfer.initial_state_from(source_dir))
     started = time.time()
     history = train_and_evaluate(base, options)
     return {
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             write_reports(args.workdir, json.load(handle), sizes, args.report_only)
         return 0
     quiet_libraries()
-    sharding.use_every_cpu_core()
+    backend.use_every_cpu_core()
     started = time.time()
     sources = {name: train_source(args.workdir, name, args.data_dir) for name in {s for s, _ in DIRECTIONS}}
     rows: list[dict[str, Any]] = []

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.ndimage import map_coordinates
 
+from mnist_jax.config import Config
+
 
 class View(NamedTuple):
     """One fixed transform for test-time augmentation: rotation (degrees), scale, shift (dy, dx) in pixels."""
@@ -32,9 +34,8 @@ class View(NamedTuple):
     shift: tuple[float, float] = (0.0, 0.0)
 
 
-# The identity first, then one-pixel shifts, rotations of 3 and 6 degrees and a 7% zoom either way. Chosen on the
-# 10% validation slice of three strong runs, never on test (README, "Accuracy"): averaging these views removed 1-2
-# of 20-27 validation errors in each and lowered the validation loss by 5-7%.
+# The identity first, then one-pixel shifts, rotations of 3 and 6 degrees and a 7% zoom either way: chosen on the
+# validation slices of three `strong` runs, never on test (docs/accuracy.md).
 TEST_TIME_VIEWS: tuple[View, ...] = (
     View(),
     View(shift=(-1.0, 0.0)), View(shift=(1.0, 0.0)), View(shift=(0.0, -1.0)), View(shift=(0.0, 1.0)),
@@ -56,6 +57,12 @@ class Augmentation(NamedTuple):
     @property
     def enabled(self) -> bool:
         return max(self.rotation, self.scale, self.shift, self.elastic_alpha) > 0
+
+
+def training_augmentation(config: Config) -> Augmentation:
+    """The random warps a run trains with (its `--augment-*` flags)."""
+    return Augmentation(config.augment_rotation, config.augment_scale, config.augment_shift,
+                        config.augment_elastic_alpha, config.augment_elastic_sigma)
 
 
 def warp(image: jax.Array, angle: jax.Array, scale: jax.Array, shift: jax.Array,

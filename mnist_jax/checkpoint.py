@@ -1,15 +1,17 @@
 """Checkpoints: Orbax saves the whole training state each epoch; runs resume; models restore for inference.
 
 A checkpoint holds two items: `state` (params, batch statistics, optimiser state, step, PRNG key, and the moving
-average of the variables when the run keeps one) and `meta`
-(JSON: epoch, metrics history, normalisation constants, class names, config). Orbax writes each checkpoint to a
-temporary directory and renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
+average of the variables when the run keeps one) and `meta` (JSON: epoch, metrics history, normalisation constants,
+class names, config). Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint intact. Checkpoints written before the model's layers had names
+(linen's Conv_0, Dense_0, ...) restore too: their layers are renamed on the way in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import sys
 import time
@@ -20,7 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mnist_jax.config import Config, UserError
-from mnist_jax.model import build_model
+from mnist_jax.model import build_model, numbered_layer_names, rename_layers
 from mnist_jax.steps import TrainState, model_variables
 
 CHECKPOINT_DIR = "checkpoints"
@@ -87,27 +89,33 @@ def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]
     manager.wait_until_finished()
 
 
-def _on_first_device(manager: ocp.CheckpointManager, step: int) -> Any:
-    """The saved state's shapes and dtypes, placed on this process's first device.
+def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
+    """The saved state's tree of array metadata (shapes and dtypes), read without reading the arrays."""
+    return ocp.StandardCheckpointer().metadata(os.path.join(manager.directory, str(step), "state")).item_metadata.tree
 
-    Restoring to an explicit layout lets a checkpoint written on any device topology (older checkpoints, or
-    other tools' sharded ones) load for inference here.
-    """
-    metadata = ocp.StandardCheckpointer().metadata(os.path.join(manager.directory, str(step), "state"))
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
-                                  metadata.item_metadata.tree)
+
+def _layer_renames(saved: Any, config: Config) -> dict[str, str]:
+    """linen's automatic layer names -> ours, for a checkpoint written before the layers were named; else {}."""
+    if any(re.fullmatch(r"(Conv|Dense|BatchNorm)_\d+", name) for name in saved["params"]):
+        return numbered_layer_names(config)
+    return {}
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: TrainState | None):
+    """(state tree, meta) of one checkpoint, laid out like `target`'s state, or without a target on this
+    process's first device (a checkpoint written on any device topology then loads for inference here)."""
+    meta = read_meta(manager, step)
+    saved = _saved_tree(manager, step)
+    renames = _layer_renames(saved, Config.from_dict(meta["config"]))
     if target is not None:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_tree(target))
+        abstract = rename_layers(abstract, {ours: theirs for theirs, ours in renames.items()})
     else:
-        abstract = _on_first_device(manager, step)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-    )
-    return restored["state"], restored["meta"]
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree_util.tree_map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device), saved)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    return rename_layers(state, renames), meta
 
 
 def restore_latest(workdir: str, manager: ocp.CheckpointManager, target: TrainState):
@@ -176,7 +184,6 @@ class RestoredModel:
     class_names: tuple[str, ...]
     image_shape: tuple[int, ...]
     step: int
-    meta: dict[str, Any]
     workdir: str = ""
 
 
@@ -202,6 +209,5 @@ def restore_model(workdir: str, checkpoint: str = "best") -> RestoredModel:
         class_names=tuple(meta["class_names"]),
         image_shape=tuple(meta["image_shape"]),
         step=step,
-        meta=meta,
         workdir=workdir,
     )

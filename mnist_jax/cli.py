@@ -1,4 +1,5 @@
-"""Command-line plumbing shared by the tools: config flags from the Config fields, and the error contract.
+"""What the commands share: the training flags built from the Config fields, the run options and final report of
+the commands that train (train, transfer, sweep), and the error contract.
 
 Every tool's `main` runs inside `run_cli`, which turns a `UserError` into one line on stderr and exit code 2.
 """
@@ -9,9 +10,10 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 from typing import Any, Callable
 
-from mnist_jax.config import PRESETS, Config, UserError, preset
+from mnist_jax.config import PRESETS, Config, RunOptions, UserError, preset
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -66,7 +68,7 @@ def flags_given(args: argparse.Namespace) -> set[str]:
     return {f.name for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
 
 
-def given_fields(args: argparse.Namespace) -> set[str]:
+def chosen_fields(args: argparse.Namespace) -> set[str]:
     """The Config fields the user chose on the command line: the flags given, and with --config every field
     that has a flag (a preset states them all, so resuming another run's workdir with it is caught)."""
     if getattr(args, "config", None):
@@ -85,6 +87,47 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def training_parser(prog: str, description: str, epilog: str) -> ArgumentParser:
+    """The flags of the commands that train (run options plus one flag per Config field): train, transfer, sweep."""
+    parser = ArgumentParser(prog=prog, description=description, epilog=epilog)
+    parser.add_argument("--workdir", required=True, help="run directory: config, metrics, checkpoints, plots")
+    parser.add_argument("--data-dir", help="tfds data directory (default: $TFDS_DATA_DIR, else tfds's default)")
+    parser.add_argument("--devices", type=int,
+                        help="devices to split each batch over (default: all JAX sees; on CPU, one per core)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (one log line per epoch)")
+    add_preset_flag(parser)
+    add_config_flags(parser)
+    return parser
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """The RunOptions that `training_parser`'s flags describe."""
+    return RunOptions(workdir=args.workdir, data_dir=args.data_dir, devices=args.devices,
+                      progress=not args.no_progress)
+
+
+def prepare_devices() -> None:
+    """The devices a training command runs on: one per CPU core (`backend`), and every host's when the environment
+    describes a multi-host run. Before any JAX computation."""
+    import jax
+
+    from mnist_jax import backend, sharding
+
+    backend.use_every_cpu_core()
+    if sharding.initialize_distributed():
+        print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices", flush=True)
+
+
+def report_final(history: list[dict[str, Any]], started: float, workdir: str) -> None:
+    """The training commands' last line: the final test accuracy (and with test-time augmentation) and the time."""
+    if history:
+        last = history[-1]
+        tta = (f", {last['test_tta_accuracy']:.2%} with test-time augmentation" if "test_tta_accuracy" in last
+               else "")
+        print(f"final test accuracy {last['test_accuracy']:.2%}{tta} "
+              f"({time.time() - started:.1f} s) -> {workdir}", flush=True)
 
 
 def quiet_libraries() -> None:

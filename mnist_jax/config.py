@@ -1,14 +1,16 @@
-"""One config object for a training run, its defaults, and its validation.
+"""One config object for a training run, its defaults, and its validation; and how a run is run.
 
-Every run is described by a single frozen `Config`. The command line builds one, `config.json` in the workdir
-stores it, and a resumed run must match it. Validation happens here, before anything touches the workdir.
+Every run is described by a single frozen `Config`: what to train. The command line builds one, `config.json` in
+the workdir stores it, and a resumed run must match it. Validation happens here, before anything touches the
+workdir. `RunOptions` says how to run it (where, on how many devices, with or without progress bars): nothing in
+it changes the results.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Callable
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "one_cycle")
@@ -16,7 +18,7 @@ FREEZE_CHOICES = ("none", "features")
 POOLINGS = ("avg", "max")
 
 
-def _field(default: Any, help_text: str, flag: bool = True, architecture: bool = False) -> Any:
+def hyperparameter(default: Any, help_text: str, flag: bool = True, architecture: bool = False) -> Any:
     """A config field whose help text the command line shows: the config is the one place flags are defined.
 
     `flag=False` keeps a field off the generic flags: it is set by a dedicated tool (`transfer_from` and `freeze`
@@ -33,64 +35,65 @@ class UserError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Hyperparameters of one run. The defaults are the recipe the README quotes (99.2%+ on MNIST)."""
+    """Hyperparameters of one run. The defaults are the `default` preset, the recipe the README quotes."""
 
-    dataset: str = _field("mnist", "tfds dataset name (mnist, fashion_mnist, kmnist, ...)")
-    conv_features: tuple[int, ...] = _field((32, 64), "widths of the 3x3 conv blocks, comma-separated",
+    dataset: str = hyperparameter("mnist", "tfds dataset name (mnist, fashion_mnist, kmnist, ...)")
+    conv_features: tuple[int, ...] = hyperparameter((32, 64), "widths of the 3x3 conv blocks, comma-separated",
                                             architecture=True)
-    convs_per_block: int = _field(1, "3x3 convs in each conv block, before its 2x2 pooling", architecture=True)
-    pooling: str = _field("avg", f"2x2 pooling after each conv block, one of {', '.join(POOLINGS)}",
+    convs_per_block: int = hyperparameter(1, "3x3 convs in each conv block, before its 2x2 pooling", architecture=True)
+    pooling: str = hyperparameter("avg", f"2x2 pooling after each conv block, one of {', '.join(POOLINGS)}",
                           architecture=True)
-    dense_features: tuple[int, ...] = _field((256,), "widths of the hidden dense layers, comma-separated",
+    dense_features: tuple[int, ...] = hyperparameter((256,), "widths of the hidden dense layers, comma-separated",
                                              architecture=True)
-    dropout_rate: float = _field(0.0, "dropout after each hidden dense layer (0 disables)", architecture=True)
-    batch_norm: bool = _field(False, "batch norm after every conv and hidden dense layer", architecture=True)
-    batch_norm_groups: int = _field(
+    dropout_rate: float = hyperparameter(0.0, "dropout after each hidden dense layer (0 disables)", architecture=True)
+    batch_norm: bool = hyperparameter(False, "batch norm after every conv and hidden dense layer", architecture=True)
+    batch_norm_groups: int = hyperparameter(
         1, "batch-norm statistics per this many equal slices of each training batch (ghost batch norm); "
         "a multiple of the device count keeps them off the interconnect", architecture=True)
-    deskew: bool = _field(
+    deskew: bool = hyperparameter(
         False, "remove each image's slant (a horizontal shear about its centre of mass) before the network, in "
         "training, evaluation, prediction and serving alike", architecture=True)
-    dtype: str = _field("float32", "computation dtype, float32 or bfloat16 (parameters stay float32)",
+    dtype: str = hyperparameter("float32", "computation dtype, float32 or bfloat16 (parameters stay float32)",
                         architecture=True)
-    optimizer: str = _field("adamw", f"one of {', '.join(OPTIMIZERS)}")
-    learning_rate: float = _field(3e-3, "peak learning rate of the schedule")
-    schedule: str = _field("one_cycle", f"learning-rate schedule, one of {', '.join(SCHEDULES)}")
-    warmup_epochs: float = _field(0.5, "warm-up length for warmup_cosine and one_cycle")
-    momentum: float = _field(0.9, "momentum for sgd")
-    weight_decay: float = _field(1e-4, "decoupled weight decay for adamw")
-    label_smoothing: float = _field(
+    optimizer: str = hyperparameter("adamw", f"one of {', '.join(OPTIMIZERS)}")
+    learning_rate: float = hyperparameter(3e-3, "peak learning rate of the schedule")
+    schedule: str = hyperparameter("one_cycle", f"learning-rate schedule, one of {', '.join(SCHEDULES)}")
+    warmup_epochs: float = hyperparameter(0.5, "warm-up length for warmup_cosine and one_cycle")
+    momentum: float = hyperparameter(0.9, "momentum for sgd")
+    weight_decay: float = hyperparameter(1e-4, "decoupled weight decay for adamw")
+    label_smoothing: float = hyperparameter(
         0.0, "train against targets that give this much probability mass to the other classes, e.g. 0.1 "
         "(0: one-hot); evaluation losses stay plain cross-entropy")
-    batch_size: int = _field(128, "training batch size (split across --devices)")
-    epochs: int = _field(3, "passes over the training split")
-    seed: int = _field(0, "seed of every random choice: init, shuffling, dropout, augmentation")
-    eval_batch_size: int = _field(1000, "batch size of evaluation passes")
-    ema_decay: float = _field(
+    batch_size: int = hyperparameter(128, "training batch size (split across --devices)")
+    epochs: int = hyperparameter(3, "passes over the training split")
+    seed: int = hyperparameter(0, "seed of every random choice: init, shuffling, dropout, augmentation")
+    eval_batch_size: int = hyperparameter(1000, "batch size of evaluation passes")
+    ema_decay: float = hyperparameter(
         0.0, "evaluate, checkpoint and predict with an exponential moving average of the weights and batch-norm "
         "statistics, updated every step with this decay, e.g. 0.9995 (0: the trained weights themselves)")
-    final_tta: bool = _field(
+    final_tta: bool = hyperparameter(
         False, "after the last epoch, evaluate the model a second time with test-time augmentation (the views "
         "`evaluate --tta` averages): train's final line and last metrics entry then carry test_tta_accuracy")
-    keep_checkpoints: int = _field(3, "how many latest checkpoints to keep (the best is always kept too)")
-    augment_rotation: float = _field(0.0, "training augmentation: largest random rotation in degrees (0: none)")
-    augment_scale: float = _field(0.0, "training augmentation: largest relative zoom, e.g. 0.1 (0: none)")
-    augment_shift: float = _field(0.0, "training augmentation: largest random shift in pixels (0: none)")
-    augment_elastic_alpha: float = _field(
+    keep_checkpoints: int = hyperparameter(3, "how many latest checkpoints to keep (the best is always kept too)")
+    augment_rotation: float = hyperparameter(0.0, "training augmentation: largest random rotation in degrees (0: none)")
+    augment_scale: float = hyperparameter(0.0, "training augmentation: largest relative zoom, e.g. 0.1 (0: none)")
+    augment_shift: float = hyperparameter(0.0, "training augmentation: largest random shift in pixels (0: none)")
+    augment_elastic_alpha: float = hyperparameter(
         0.0, "training augmentation: scale of the elastic distortion (Simard et al. used 34; 0: none)")
-    augment_elastic_sigma: float = _field(4.0, "training augmentation: smoothness of the elastic distortion, pixels")
-    clean_final_epochs: int = _field(
+    augment_elastic_sigma: float = hyperparameter(
+        4.0, "training augmentation: smoothness of the elastic distortion, pixels")
+    clean_final_epochs: int = hyperparameter(
         0, "train the last this many epochs on un-augmented images, as evaluation sees them (0: augment to the end)")
-    validation_fraction: float = _field(
+    validation_fraction: float = hyperparameter(
         0.0, "hold out this fraction of the training split (its last examples) for validation and best-checkpoint "
         "choice; 0 disables")
-    train_examples: int = _field(
+    train_examples: int = hyperparameter(
         0, "train on a class-balanced subset of this many training examples, the same for the same value and "
         "seed (0: the whole split; must be >= --batch-size)"
     )
-    transfer_from: str = _field("", "source workdir whose best checkpoint initialised this run ('' for none)",
+    transfer_from: str = hyperparameter("", "source workdir whose best checkpoint initialised this run ('' for none)",
                                 flag=False)
-    freeze: str = _field("none", f"parameters kept fixed while training, one of {', '.join(FREEZE_CHOICES)}",
+    freeze: str = hyperparameter("none", f"parameters kept fixed while training, one of {', '.join(FREEZE_CHOICES)}",
                          flag=False)
 
     def to_json(self) -> str:
@@ -109,12 +112,12 @@ class Config:
 
 # Named starting points for `--config NAME`; flags given beside it override single fields.
 PRESETS: dict[str, Config] = {
-    # The Flax example's CNN with a fast recipe: 99.3-99.4% on MNIST in about a minute on a 2-core CPU.
+    # The Flax example's CNN with a fast recipe: AdamW on a one-cycle schedule, 3 epochs (docs/accuracy.md).
     "default": Config(),
     # A deeper batch-norm CNN with dropout, random affine and elastic augmentation in the train step (off for the
     # last two epochs), a longer one-cycle schedule, label smoothing and a moving average of the weights, on all
-    # 60k training images, reported with test-time augmentation as well; chosen on a validation slice (README,
-    # "Accuracy").
+    # 60k training images, reported with test-time augmentation as well; chosen on a validation slice
+    # (docs/accuracy.md).
     "strong": Config(
         conv_features=(32, 64),
         convs_per_block=2,
@@ -205,6 +208,21 @@ def validate(config: Config) -> None:
         raise UserError("--freeze features needs a transferred model (--from): frozen random features learn nothing")
     if not config.conv_features or any(f <= 0 for f in config.conv_features + config.dense_features):
         raise UserError("--conv-features needs at least one layer and every width must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How to run, as opposed to what to train: none of it changes the results (beyond float tolerance)."""
+
+    workdir: str
+    data_dir: str | None = None
+    devices: int | None = None  # None: every device JAX sees
+    progress: bool = True
+    plots: bool = True
+    # The initial state of a fresh run, (steps.TrainState, data.Dataset) -> steps.TrainState, from the freshly
+    # initialised state and the data (transfer learning sets it; typed loosely because config imports nothing of
+    # ours). Called only when no checkpoint exists: a resumed run's state comes from its own checkpoints.
+    initial_state: Callable[[Any, Any], Any] | None = None
 
 
 def incompatible_fields(saved: Config, requested: Config) -> list[str]:

@@ -1,8 +1,8 @@
 """A cache of decoded splits on disk, so a run reads its data without TensorFlow.
 
 tfds stores images as PNG inside tfrecord files, and reading them goes through TensorFlow: importing it and
-decoding MNIST cost ~8 s in every process, for 55 MB of pixels. The first read of a split keeps its arrays in one
-`.npz` file; later processes load that in milliseconds. The file's name carries a hash of the prepared dataset's
+decoding MNIST take seconds in every process, for 55 MB of pixels. The first read of a split keeps its arrays in one
+`.npz` file; later processes load that without TensorFlow. The file's name carries a hash of the prepared dataset's
 files, so a re-prepared or different dataset never meets an old entry.
 
 Where: `$MNIST_JAX_DATA_CACHE`, else `$XDG_CACHE_HOME/mnist_jax/data`, else `~/.cache/mnist_jax/data`;
@@ -41,8 +41,8 @@ def cache_dir() -> Path | None:
 def entry_path(prepared_dir: str, split: str) -> Path | None:
     """Where the split of the dataset prepared in `prepared_dir` (tfds's `DATA_DIR/NAME/VERSION`) is cached.
 
-    The key hashes the content of every file tfds prepared there (MNIST's 23 MB: ~40 ms), so it follows the
-    data itself, not a path or a modification time.
+    The key hashes the content of every file tfds prepared there, so it follows the data itself, not a path or a
+    modification time.
     """
     root = cache_dir()
     if root is None:

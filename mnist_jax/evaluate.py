@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None):
     parser = ArgumentParser(
         prog="python -m mnist_jax.evaluate",
         description="Evaluate a trained workdir: accuracy, per-class precision/recall/F1, confusion matrix, plots.",
-        epilog="example: python -m mnist_jax.evaluate --workdir runs/mnist --data-dir ../shared/tensorflow_datasets",
+        epilog="example: python -m mnist_jax.evaluate --workdir runs/mnist",
     )
     parser.add_argument("--workdir", required=True,
                         help="a training workdir (its checkpoints/ are read); with --ensemble, the directory "

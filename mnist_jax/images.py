@@ -195,11 +195,3 @@ def preprocess_file(path: str | os.PathLike[str]) -> np.ndarray:
     except ImageError as error:
         raise ImageError(error.reason, path) from None
 
-
-def preprocess_bytes(data: bytes, name: str = "<upload>") -> np.ndarray:
-    """Decode an uploaded image and return the 28x28 uint8 MNIST-style digit it contains."""
-    gray = load_image_bytes(data, name)
-    try:
-        return to_mnist(gray)
-    except ImageError as error:
-        raise ImageError(error.reason, name) from None

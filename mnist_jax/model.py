@@ -2,12 +2,15 @@
 
 Default: conv 32 3x3 -> relu -> avg-pool 2 -> conv 64 3x3 -> relu -> avg-pool 2 -> dense 256 -> relu -> dense 10.
 The model takes raw uint8 pixels and normalises them itself, so training, evaluation, prediction and serving
-can never disagree about preprocessing.
+can never disagree about preprocessing. Its layers have names that say where they sit (`conv1_1` is block 1's
+first conv, `conv1_1_bn` its batch norm, `dense1` the first hidden dense layer, `head` the classifier), so
+transfer learning selects layers by name.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -15,7 +18,13 @@ import jax.numpy as jnp
 
 from mnist_jax.augment import Augmentation, deskew, random_warp
 from mnist_jax.config import Config
-from mnist_jax.data import normalize
+
+HEAD = "head"
+
+
+def normalize(images: jax.Array, mean: float, std: float) -> jax.Array:
+    """uint8 pixels -> float32 with the training split's zero mean and unit variance."""
+    return (images.astype(jnp.float32) * (1.0 / 255.0) - mean) * (1.0 / std)
 
 
 class CNN(nn.Module):
@@ -34,49 +43,59 @@ class CNN(nn.Module):
     batch_norm_groups: int = 1
     deskew: bool = False  # remove each image's slant first, after any training augmentation
     dtype: str = "float32"  # computation dtype; parameters are float32 either way
-    augment: Augmentation = Augmentation()  # random warps in training only, from the 'augment' PRNG stream
+    # Layers named as linen numbers them (Conv_0, BatchNorm_0, Dense_0, ...) instead: only `initial_variables`
+    # uses it, because linen derives each layer's initial random draw from its name.
+    numbered_layers: bool = False
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        """uint8 images (B, H, W, C) -> logits (B, num_classes)."""
-        if train and self.augment.enabled:
-            images = random_warp(self.make_rng("augment"), images, self.augment)
+    def __call__(self, images: jax.Array, *, train: bool = False,
+                 augmentation: Augmentation | None = None) -> jax.Array:
+        """uint8 images (B, H, W, C) -> logits (B, num_classes). In training, `augmentation` (the train step's)
+        warps each image at random first, from the 'augment' PRNG stream."""
+        if train and augmentation is not None and augmentation.enabled:
+            images = random_warp(self.make_rng("augment"), images, augmentation)
         if self.deskew:
             images = deskew(images)
         x = normalize(images, self.mean, self.std).astype(self.dtype)
-        for width in self.conv_features:
-            for _ in range(self.convs_per_block):
-                x = nn.Conv(width, kernel_size=(3, 3), dtype=self.dtype)(x)
-                x = self._maybe_batch_norm(x, train)
+        for block, width in enumerate(self.conv_features, start=1):
+            for position in range(1, self.convs_per_block + 1):
+                name = f"conv{block}_{position}"
+                x = nn.Conv(width, kernel_size=(3, 3), dtype=self.dtype, name=self._named(name))(x)
+                x = self._maybe_batch_norm(x, train, name)
                 x = nn.relu(x)
             pool = nn.max_pool if self.pooling == "max" else nn.avg_pool
             x = pool(x, window_shape=(2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
-        for width in self.dense_features:
-            x = nn.Dense(width, dtype=self.dtype)(x)
-            x = self._maybe_batch_norm(x, train)
+        for number, width in enumerate(self.dense_features, start=1):
+            name = f"dense{number}"
+            x = nn.Dense(width, dtype=self.dtype, name=self._named(name))(x)
+            x = self._maybe_batch_norm(x, train, name)
             x = nn.relu(x)
             if self.dropout_rate > 0:
+                # Unnamed: linen's `Dropout_0`, from which the dropout masks of every recorded run were drawn.
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name=self._named(HEAD))(x).astype(jnp.float32)
 
-    def _maybe_batch_norm(self, x: jax.Array, train: bool) -> jax.Array:
+    def _named(self, name: str) -> str | None:
+        return None if self.numbered_layers else name
+
+    def _maybe_batch_norm(self, x: jax.Array, train: bool, layer: str) -> jax.Array:
         if not self.batch_norm:
             return x
-        return BatchNorm(groups=self.batch_norm_groups, dtype=self.dtype)(x, train)
+        return BatchNorm(groups=self.batch_norm_groups, dtype=self.dtype, name=self._named(f"{layer}_bn"))(x, train)
 
 
 class BatchNorm(nn.Module):
     """Batch norm whose training statistics come from `groups` equal slices of the batch ("ghost" batch norm).
 
-    With one group this is `flax.linen.BatchNorm` (same variables, names and maths). With the batch split over
-    N devices, N groups keep every statistic on its own device instead of all-reducing each layer's mean and
-    variance forward and backward (a few percent of step time on two CPU devices), and the result depends on
-    `groups`, never on the device count. Running averages (used at evaluation) average the groups.
+    With one group this is `flax.linen.BatchNorm` (same variables, names and maths; tested). With the batch split
+    over N devices, N groups keep every statistic on its own device instead of all-reducing each layer's mean and
+    variance forward and backward, and the result depends on `groups`, never on the device count. Running
+    averages (used at evaluation) average the groups.
 
     The normalisation is one multiply-add per element, `x * a + b`, with the per-channel `a` and `b` folded from
-    the statistics, scale and bias first: 7% more training steps a second for the `strong` preset on a 2-core
-    CPU than `(x - mean) * rsqrt(var + eps) * scale + bias`, whose broadcasts XLA:CPU runs as separate passes.
+    the statistics, scale and bias first: XLA:CPU runs the broadcasts of `(x - mean) * rsqrt(var + eps) * scale
+    + bias` as separate passes over the activations.
     """
 
     groups: int = 1
@@ -123,25 +142,53 @@ def build_model(config: Config, num_classes: int, mean: float, std: float) -> CN
         batch_norm_groups=config.batch_norm_groups,
         deskew=config.deskew,
         dtype=config.dtype,
-        augment=Augmentation(config.augment_rotation, config.augment_scale, config.augment_shift,
-                             config.augment_elastic_alpha, config.augment_elastic_sigma),
     )
 
 
-def head_name(config: Config) -> str:
-    """The classifier's parameter collection: linen names the last Dense after the hidden ones."""
-    return f"Dense_{len(config.dense_features)}"
+def is_feature_layer(name: str) -> bool:
+    """Whether a layer belongs to the convolutional feature extractor (the convs and their batch norms)."""
+    return name.startswith("conv")
 
 
-def feature_layer_names(config: Config) -> tuple[str, ...]:
-    """The convolutional feature extractor's parameter collections: every Conv, and the batch norms that follow
-    them (linen numbers BatchNorm layers in call order, so the first len(conv_features) * convs_per_block belong
-    to the convs)."""
-    num_convs = len(config.conv_features) * config.convs_per_block
-    convs = tuple(f"Conv_{i}" for i in range(num_convs))
-    norms = tuple(f"BatchNorm_{i}" for i in range(num_convs)) if config.batch_norm else ()
-    return convs + norms
+def numbered_layer_names(model: CNN) -> dict[str, str]:
+    """linen's automatic name of each layer -> its name here: Conv_0 -> conv1_1, BatchNorm_0 -> conv1_1_bn,
+    Dense_0 -> dense1, the last Dense -> head. Checkpoints written before the layers were named use the former."""
+    convs = [f"conv{b}_{p}" for b in range(1, len(model.conv_features) + 1)
+             for p in range(1, model.convs_per_block + 1)]
+    denses = [f"dense{d}" for d in range(1, len(model.dense_features) + 1)]
+    names = {f"Conv_{i}": name for i, name in enumerate(convs)}
+    names.update({f"Dense_{i}": name for i, name in enumerate(denses + [HEAD])})
+    if model.batch_norm:  # linen numbers batch norms in call order: the convs' first, then the dense layers'
+        names.update({f"BatchNorm_{i}": f"{name}_bn" for i, name in enumerate(convs + denses)})
+    return names
 
 
-def count_params(params) -> int:
+def rename_layers(tree: Any, names: dict[str, str]) -> Any:
+    """`tree` with every dict key found in `names` replaced by its value, at any depth: variables, and optimiser
+    states, whose moments are keyed by layer like the parameters."""
+    if isinstance(tree, dict):
+        return {names.get(key, key): rename_layers(value, names) for key, value in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a NamedTuple, e.g. an optax state
+        return type(tree)(*(rename_layers(value, names) for value in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(rename_layers(value, names) for value in tree)
+    return tree
+
+
+@functools.partial(jax.jit, static_argnames=("model", "image_shape"))
+def initial_variables(model: CNN, key: jax.Array, image_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The model's initial variables, from one jitted program (the same bits as Flax's op-by-op `init`).
+
+    linen draws each layer's initial weights from a key derived from the layer's name, so they are drawn under
+    linen's automatic names, as every recorded run drew them, and renamed: a seed gives the run it always gave.
+    The model is a static argument (linen modules hash by their fields), so a process that builds the same
+    architecture again, as a sweep's trials or a resume do, reuses the program.
+    """
+    numbered = model.clone(numbered_layers=True)
+    variables = numbered.init(key, jnp.zeros((1, *image_shape), jnp.uint8), train=False)
+    return rename_layers(variables, numbered_layer_names(model))
+
+
+def count_params(params: Any) -> int:
+    """The number of scalars in a parameter tree."""
     return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))

@@ -6,7 +6,7 @@ import jax
 import optax
 
 from mnist_jax.config import Config
-from mnist_jax.model import feature_layer_names
+from mnist_jax.model import is_feature_layer
 
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
@@ -21,7 +21,7 @@ def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedu
     if config.schedule == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps=warmup, decay_steps=total)
     if config.schedule == "one_cycle":
-        # Rises for warmup_epochs, then anneals to ~0; the fastest-converging recipe for this model.
+        # Rises for warmup_epochs, then anneals to ~0: the default recipe's schedule.
         return optax.cosine_onecycle_schedule(total, peak, pct_start=max(warmup, 1) / total)
     raise ValueError(f"unknown schedule {config.schedule!r}")
 
@@ -29,16 +29,16 @@ def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedu
 def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
     """The optimiser named by `config.optimizer`, driven by the configured schedule, with `config.freeze` applied.
 
-    Frozen parameters get `optax.set_to_zero()`: their updates are exactly zero (no weight decay either), so they
-    stay bit-identical, and their optimiser state is empty.
+    `--freeze features` freezes the convolutional layers (`model.is_feature_layer`): they get
+    `optax.set_to_zero()`, so their updates are exactly zero (no weight decay either), they stay bit-identical, and
+    their optimiser state is empty.
     """
     tx = _base_optimizer(config, steps_per_epoch)
     if config.freeze == "none":
         return tx
-    frozen = set(feature_layer_names(config))
 
     def labels(params):
-        return {name: jax.tree_util.tree_map(lambda _: "frozen" if name in frozen else "trained", subtree)
+        return {name: jax.tree_util.tree_map(lambda _: "frozen" if is_feature_layer(name) else "trained", subtree)
                 for name, subtree in params.items()}
 
     return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)

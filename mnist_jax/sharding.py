@@ -1,4 +1,5 @@
-"""Data parallelism, stated in one place: a 1-D mesh over devices, batches split on 'data', the rest replicated."""
+"""Data parallelism, stated in one place: a 1-D mesh over devices, batches split on 'data', the rest replicated;
+and joining a multi-host run. How many devices a CPU becomes is `backend.use_every_cpu_core`'s business."""
 
 from __future__ import annotations
 
@@ -38,21 +39,6 @@ def is_primary_process() -> bool:
     return jax.process_index() == 0
 
 
-def use_every_cpu_core() -> None:
-    """One JAX CPU device per core, so data parallelism spreads each step over every core.
-
-    XLA:CPU runs each convolution of this model on a single thread; split into one device per core, a batch's
-    shards run concurrently (2.1x the single-device reference on 2 cores; README, "Performance"). Call it before
-    any JAX computation; it does nothing when XLA_FLAGS already sets a host device count or the backend is up.
-    """
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return
-    try:
-        jax.config.update("jax_num_cpu_devices", len(os.sched_getaffinity(0)))
-    except RuntimeError:  # JAX already started its backends: keep what it has.
-        pass
-
-
 def default_device_count(*batch_sizes: int) -> int:
     """Every device JAX sees, or the most that divide every batch size evenly (6 cores, batch 128: 4)."""
     count = jax.device_count()
@@ -69,16 +55,6 @@ def make_mesh(num_devices: int | None, *batch_sizes: int) -> Mesh:
     if not 1 <= num_devices <= len(devices):
         raise UserError(f"--devices must be between 1 and {len(devices)} (the devices JAX sees), got {num_devices}")
     return Mesh(np.array(devices[:num_devices]), axis_names=("data",))
-
-
-def needs_lockstep(mesh: Mesh) -> bool:
-    """Whether each step must finish before the next is dispatched.
-
-    With several XLA:CPU devices, queueing many programs that contain cross-device all-reduces deadlocks
-    (seen here: a rendezvous timeout aborts the process after a few dozen queued steps). Waiting for each
-    step costs ~1% on CPU; GPUs and TPUs order their collectives and keep the asynchronous queue.
-    """
-    return mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

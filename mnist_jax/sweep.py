@@ -1,6 +1,6 @@
 """Hyperparameter sweep: `python -m mnist_jax.sweep --workdir SWEEP --grid name=v1,v2 [name=...] [train flags]`.
 
-Every trial is an ordinary training workdir, SWEEP/trial-NNN/, trained by `train.train_and_evaluate` with the
+Every trial is an ordinary training workdir, SWEEP/trial-NNN/, trained by `training.train_and_evaluate` with the
 base config (`--config` preset and flags) plus the trial's grid values. Trials are ranked on validation accuracy,
 never on test. `--random N` trains N distinct grid points drawn with `--seed`, instead of the whole grid.
 
@@ -10,8 +10,8 @@ interrupted one from its last checkpoint; results.csv, results.md and sweep.png 
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc reads its malloc tunables at start-up: restart now, before the heavy imports
-    from mnist_jax.hostmem import restart_with_huge_pages
+if __name__ == "__main__":  # before the heavy imports: glibc reads its malloc settings only at start-up
+    from mnist_jax.backend import restart_with_huge_pages
 
     restart_with_huge_pages()
 
@@ -24,14 +24,13 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from mnist_jax import sharding, workdir
-from mnist_jax.cli import config_from_args, flag_type, flags_given, run_cli
-from mnist_jax.config import Config, UserError, validate
-from mnist_jax.train import build_parser, resolve_config, run_options, train_and_evaluate
+from mnist_jax import cli, workdir
+from mnist_jax.config import Config, RunOptions, UserError, validate
+from mnist_jax.training import train_and_evaluate
 
 PLAN_FILE = "sweep.json"
 DEFAULT_VALIDATION_FRACTION = 0.1
@@ -55,7 +54,7 @@ def parse_grid(specs: list[str]) -> Grid:
             raise UserError(f"--grid {spec!r}: unknown hyperparameter {name!r}; see python -m mnist_jax.train --help")
         if name in grid:
             raise UserError(f"--grid names {name} twice")
-        parse = flag_type(fields[name])
+        parse = cli.flag_type(fields[name])
         values = []
         for item in text.split(","):
             item = item.strip().replace("-", ",") if isinstance(fields[name].default, tuple) else item.strip()
@@ -202,7 +201,8 @@ def format_markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ running
-def run_sweep(sweep_dir: str, base: Config, grid: Grid, random_count: int | None, options_for) -> list[dict]:
+def run_sweep(sweep_dir: str, base: Config, grid: Grid, random_count: int | None,
+              options_for: Callable[[str], RunOptions]) -> list[dict]:
     """Trains every planned trial not yet finished (resuming an interrupted one); returns the ranked rows."""
     trials = plan_trials(grid, random_count, base.seed)
     configs = trial_configs(base, trials)
@@ -211,7 +211,7 @@ def run_sweep(sweep_dir: str, base: Config, grid: Grid, random_count: int | None
     names = list(grid)
     for number, (overrides, config) in enumerate(zip(trials, configs)):
         path = trial_dir(sweep_dir, number)
-        resolve_config(path, config, {f.name for f in dataclasses.fields(Config)})  # never mix up two runs
+        workdir.resolve_config(path, config, {f.name for f in dataclasses.fields(Config)})  # never mix up two runs
         done = len(workdir.read_metrics(path))
         label = f"trial {number + 1}/{len(trials)} ({describe(overrides)})"
         if done >= config.epochs:
@@ -226,12 +226,12 @@ def run_sweep(sweep_dir: str, base: Config, grid: Grid, random_count: int | None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = build_parser(
+    parser = cli.training_parser(
         prog="python -m mnist_jax.sweep",
         description="Train one run per grid point under SWEEP/trial-NNN/ and rank them on validation accuracy; "
                     "running it again resumes.",
         epilog="example: python -m mnist_jax.sweep --workdir runs/sweep --grid learning_rate=1e-3,3e-3 "
-               "dropout_rate=0.2,0.4 --config strong --epochs 4 --data-dir ../shared/tensorflow_datasets",
+               "dropout_rate=0.2,0.4 --config strong --epochs 4",
     )
     parser.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
                         help="hyperparameters and their values (tuple values: widths joined by '-', e.g. "
@@ -244,19 +244,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     args = parse_args(argv)
-
-    sharding.use_every_cpu_core()
+    cli.prepare_devices()
     grid = parse_grid(args.grid)
-    both = sorted(set(grid) & flags_given(args))
+    both = sorted(set(grid) & cli.flags_given(args))
     if both:
         raise UserError(f"{', '.join(both)} given both as a flag and in --grid; keep one")
     if args.random is not None and args.random <= 0:
         raise UserError(f"--random must be a positive integer, got {args.random}")
-    base = config_from_args(args)
+    base = cli.config_from_args(args)
     if base.validation_fraction <= 0 and args.validation_fraction is None and "validation_fraction" not in grid:
         base = dataclasses.replace(base, validation_fraction=DEFAULT_VALIDATION_FRACTION)
         print(f"ranking on a validation slice: --validation-fraction {DEFAULT_VALIDATION_FRACTION}", flush=True)
-    options = run_options(args)
+    options = cli.run_options(args)
     rows = run_sweep(args.workdir, base, grid, args.random,
                      lambda path: dataclasses.replace(options, workdir=path))
     print(format_markdown([{"rank": r, **row} for r, row in enumerate(rows, 1)],
@@ -268,4 +267,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run_cli(main)

@@ -1,17 +1,17 @@
 """Transfer learning: `python -m mnist_jax.transfer --from SRC --workdir DIR --dataset NAME [--freeze ...]`.
 
 A transfer run is an ordinary training run (checkpoints, exact resume, metrics, evaluate, predict) whose fresh
-state starts from the source workdir's best checkpoint instead of a random draw. The architecture is the
-source's; the classifier (the last Dense) is kept when the class counts agree and otherwise replaced by the one
-initialised from this run's seed. `--freeze features` keeps the convolutional layers fixed through the optimiser
-(`optax.set_to_zero`, in `optim.make_optimizer`). The source is read once, before the first epoch: a resumed run
-starts from its own checkpoints and needs the source no more.
+state starts from the source workdir's best checkpoint instead of a random draw (`initial_state_from`, the run's
+`RunOptions.initial_state`). The architecture is the source's; the classifier (the `head` layer) is kept when the
+class counts agree and otherwise replaced by the one initialised from this run's seed. `--freeze features` keeps
+the convolutional layers fixed through the optimiser (`optax.set_to_zero`, in `optim.make_optimizer`). The source
+is read once, before the first epoch: a resumed run starts from its own checkpoints and needs the source no more.
 """
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc reads its malloc tunables at start-up: restart now, before the heavy imports
-    from mnist_jax.hostmem import restart_with_huge_pages
+if __name__ == "__main__":  # before the heavy imports: glibc reads its malloc settings only at start-up
+    from mnist_jax.backend import restart_with_huge_pages
 
     restart_with_huge_pages()
 
@@ -23,11 +23,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from mnist_jax import checkpoint, data, sharding, steps, workdir
-from mnist_jax.cli import config_from_args, given_fields, run_cli
+from mnist_jax import checkpoint, cli, data, steps, workdir
 from mnist_jax.config import ARCHITECTURE_FIELDS, FREEZE_CHOICES, Config, UserError, validate
-from mnist_jax.model import head_name
-from mnist_jax.train import build_parser, report_final, resolve_config, run_options, train_and_evaluate
+from mnist_jax.model import HEAD
+from mnist_jax.training import train_and_evaluate
 
 
 def load_source(source_dir: str) -> checkpoint.RestoredModel:
@@ -52,10 +51,10 @@ def check_compatible(source: checkpoint.RestoredModel, dataset: str, image_shape
         )
 
 
-def transfer_config(source: Config, requested: Config, given: set[str], source_dir: str, freeze: str) -> Config:
+def transfer_config(source: Config, requested: Config, chosen: set[str], source_dir: str, freeze: str) -> Config:
     """The new run's config: the source's architecture (`config.ARCHITECTURE_FIELDS`), the requested training
     settings, and the provenance."""
-    conflicts = [n for n in ARCHITECTURE_FIELDS if n in given and getattr(requested, n) != getattr(source, n)]
+    conflicts = [n for n in ARCHITECTURE_FIELDS if n in chosen and getattr(requested, n) != getattr(source, n)]
     if conflicts:
         details = ", ".join(f"{n}={getattr(source, n)!r} (asked {getattr(requested, n)!r})" for n in conflicts)
         raise UserError(f"the architecture comes from the --from run: {details}; leave those flags out")
@@ -68,10 +67,8 @@ def transfer_params(state: steps.TrainState, source: checkpoint.RestoredModel) -
 
     The optimiser state is re-initialised for the new parameters (for adam/adamw it is zeros either way).
     """
-    head = head_name(source.config)
-
     def take(name: str, fresh, transferred):
-        if name == head and _shapes(fresh) != _shapes(transferred):
+        if name == HEAD and _shapes(fresh) != _shapes(transferred):
             return fresh  # another number of classes: the head initialised from this run's seed
         if _shapes(fresh) != _shapes(transferred):
             raise UserError(f"--from run's layer {name} has shapes {_shapes(transferred)}, this run needs "
@@ -94,8 +91,8 @@ def _shapes(tree) -> list[tuple[int, ...]]:
     return [tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)]
 
 
-def initializer(source_dir: str) -> Callable[[steps.TrainState, data.Dataset], steps.TrainState]:
-    """The `RunOptions.init_params` hook of a transfer run: reads the source only when a fresh run calls it."""
+def initial_state_from(source_dir: str) -> Callable[[steps.TrainState, data.Dataset], steps.TrainState]:
+    """The `RunOptions.initial_state` of a transfer run: reads the source only when a fresh run calls it."""
 
     def init(state: steps.TrainState, dataset: data.Dataset) -> steps.TrainState:
         source = load_source(source_dir)
@@ -105,7 +102,7 @@ def initializer(source_dir: str) -> Callable[[steps.TrainState, data.Dataset], s
     return init
 
 
-def plan(workdir_path: str, source_dir: str, requested: Config, given: set[str], data_dir: str | None) -> Config:
+def plan(workdir_path: str, source_dir: str, requested: Config, chosen: set[str], data_dir: str | None) -> Config:
     """The config to run in `workdir_path`, checking the source only when the run has not started yet.
 
     A workdir with checkpoints resumes from them: its saved config (architecture, provenance) is authoritative and
@@ -113,16 +110,16 @@ def plan(workdir_path: str, source_dir: str, requested: Config, given: set[str],
     """
     fixed = {"transfer_from", "freeze"}
     if checkpoint.has_checkpoints(workdir_path) and workdir.read_config(workdir_path) is not None:
-        return resolve_config(workdir_path, requested, given | fixed)
+        return workdir.resolve_config(workdir_path, requested, chosen | fixed)
     source = load_source(source_dir)
     check_compatible(source, requested.dataset, data.image_shape(requested.dataset, data_dir))
-    config = transfer_config(source.config, requested, given, source_dir, requested.freeze)
+    config = transfer_config(source.config, requested, chosen, source_dir, requested.freeze)
     validate(config)
-    return resolve_config(workdir_path, config, set(dataclasses.asdict(config)))
+    return workdir.resolve_config(workdir_path, config, set(dataclasses.asdict(config)))
 
 
 def parse_args(argv: list[str] | None):
-    parser = build_parser(
+    parser = cli.training_parser(
         prog="python -m mnist_jax.transfer",
         description="Train on --dataset starting from another run's best checkpoint (its architecture, its "
                     "weights; a new classifier when the class count differs). Running it again resumes.",
@@ -140,18 +137,17 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     args = parse_args(argv)
-    sharding.use_every_cpu_core()
-    given = given_fields(args)
+    cli.prepare_devices()
     source_dir = os.path.abspath(args.source)
-    requested = dataclasses.replace(config_from_args(args), transfer_from=source_dir, freeze=args.freeze or "none")
+    requested = dataclasses.replace(cli.config_from_args(args), transfer_from=source_dir, freeze=args.freeze or "none")
     validate(requested)
     if args.freeze is None and checkpoint.has_checkpoints(args.workdir):
         requested = dataclasses.replace(requested, freeze=(workdir.read_config(args.workdir) or requested).freeze)
-    config = plan(args.workdir, source_dir, requested, given, args.data_dir)
-    options = dataclasses.replace(run_options(args), init_params=initializer(config.transfer_from))
-    report_final(train_and_evaluate(config, options, started), started, args.workdir)
+    config = plan(args.workdir, source_dir, requested, cli.chosen_fields(args), args.data_dir)
+    options = dataclasses.replace(cli.run_options(args), initial_state=initial_state_from(config.transfer_from))
+    cli.report_final(train_and_evaluate(config, options, started), started, args.workdir)
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run_cli(main)

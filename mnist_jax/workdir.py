@@ -1,4 +1,5 @@
-"""The workdir's files: config.json, metrics.jsonl, curves.png, checkpoints/. Every write is atomic.
+"""The workdir's files: config.json, metrics.jsonl, curves.png, checkpoints/; and which config a run in it uses.
+Every write is atomic.
 
 Writes go to a temporary file in the same directory followed by `os.replace`, so a run killed at any moment
 leaves each file either as it was or complete.
@@ -6,12 +7,13 @@ leaves each file either as it was or complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from typing import Any
 
-from mnist_jax.config import Config, UserError
+from mnist_jax.config import Config, UserError, incompatible_fields
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -62,3 +64,20 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return []
     with open(path) as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def resolve_config(workdir: str, requested: Config, chosen: set[str]) -> Config:
+    """The config to run in `workdir`: its saved one when resuming, else `requested`.
+
+    `chosen` names the fields the user set: on a resume each must agree with the saved value (the others are taken
+    from it), so a resumed run never silently continues with other settings.
+    """
+    saved = read_config(workdir)
+    if saved is None:
+        return requested
+    effective = dataclasses.replace(saved, **{name: getattr(requested, name) for name in chosen})
+    differing = incompatible_fields(saved, effective)
+    if differing:
+        details = ", ".join(f"{n}={getattr(saved, n)!r} (asked {getattr(effective, n)!r})" for n in differing)
+        raise UserError(f"{workdir} holds a run with other settings: {details}; use a new --workdir")
+    return saved

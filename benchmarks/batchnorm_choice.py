@@ -1,0 +1,144 @@
+"""Does our batch norm (`model.BatchNorm`, one multiply-add) still beat `flax.linen.BatchNorm` in the train step?
+
+    python benchmarks/batchnorm_choice.py                   # the strong preset's step, one batch-norm group
+    python benchmarks/batchnorm_choice.py --cpu-devices 1 --markdown
+
+`model.BatchNorm` exists only because it was measured faster than Flax's on XLA:CPU; this keeps that claim
+checkable. Both variants train the `strong` preset's model (its augmentation, optimiser, moving average and label
+smoothing) with `--batch-norm-groups 1`, the one setting Flax's batch norm also computes (with one group ours is
+Flax's maths, tested in tests/test_model.py). Each step is compiled once the way `train` compiles it, and the same
+batches go through both in alternating windows, so a shared machine's drift slows them alike. The fastest is a
+lead, not a verdict: rerun it before changing the model.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # as `python -m mnist_jax.train` runs: glibc's malloc on huge pages (mnist_jax.backend)
+    from mnist_jax.backend import restart_with_huge_pages
+
+    restart_with_huge_pages()
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mnist_jax import backend, sharding, steps
+from mnist_jax.cli import quiet_libraries
+from mnist_jax.config import PRESETS
+from mnist_jax.model import CNN, build_model
+from mnist_jax.optim import make_optimizer
+from step_throughput import MEAN, NUM_EXAMPLES, STD, synthetic_split
+
+
+class FlaxBatchNormCNN(CNN):
+    """The same CNN with `flax.linen.BatchNorm` in place of ours (same variable names and initial values)."""
+
+    def _maybe_batch_norm(self, x: jax.Array, train: bool, layer: str) -> jax.Array:
+        if not self.batch_norm:
+            return x
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                            name=self._named(f"{layer}_bn"))(x)
+
+
+VARIANTS = {"mnist_jax BatchNorm": CNN, "flax.linen.BatchNorm": FlaxBatchNormCNN}
+
+
+def measure(batch_size: int, steps_per_window: int, rounds: int) -> list[dict]:
+    """Train images/s of each variant: its median over `rounds` windows, and the slowest and fastest window."""
+    config = dataclasses.replace(PRESETS["strong"], batch_norm_groups=1, batch_size=batch_size)
+    mesh = sharding.make_mesh(None, batch_size)
+    replicated = sharding.replicated(mesh)
+    split = jax.device_put(synthetic_split(NUM_EXAMPLES), replicated)
+    take = jax.jit(steps.take_batch, out_shardings=sharding.batch_sharded(mesh))
+    rng = np.random.default_rng(0)
+    batches = [take(split, jnp.asarray(rng.integers(0, NUM_EXAMPLES, batch_size, dtype=np.int32)))
+               for _ in range(steps_per_window)]
+    settle = backend.settle(mesh)
+    compiled, states, compile_seconds = {}, {}, {}
+    ours = build_model(config, 10, MEAN, STD)
+    for name, module in VARIANTS.items():
+        model = module(**{f.name: getattr(ours, f.name) for f in dataclasses.fields(CNN)
+                          if f.name not in ("parent", "name")})
+        state = steps.create_train_state(model, make_optimizer(config, NUM_EXAMPLES // batch_size),
+                                         jax.random.PRNGKey(0), (28, 28, 1), moving_average=config.ema_decay > 0)
+        states[name] = jax.device_put(state, replicated)
+        start = time.perf_counter()
+        compiled[name] = backend.compile_for_backend(steps.make_train_step(config), states[name], batches[0])
+        compile_seconds[name] = time.perf_counter() - start
+
+    def window(name: str) -> float:
+        current = states[name]
+        start = time.perf_counter()
+        for batch in batches:
+            current, metrics = compiled[name](current, batch)
+            settle(metrics)
+        jax.block_until_ready(current)
+        states[name] = current
+        return steps_per_window * batch_size / (time.perf_counter() - start)
+
+    for name in VARIANTS:
+        window(name)  # warm-up
+    speeds = {name: [] for name in VARIANTS}
+    for _ in range(rounds):
+        for name in VARIANTS:
+            speeds[name].append(window(name))
+    flags = backend.cpu_flags()
+    return [{"batch_norm": name, "devices": mesh.devices.size, "batch_size": batch_size,
+             "train_images_per_second": statistics.median(speeds[name]), "slowest": min(speeds[name]),
+             "fastest": max(speeds[name]), "compile_seconds": compile_seconds[name],
+             "backend": jax.default_backend(), "cpu_vendor": backend.cpu_vendor(),
+             "cpu_avx512": "avx512f" in flags if flags else None}
+            for name in VARIANTS]
+
+
+def format_table(rows: list[dict], markdown: bool) -> str:
+    first = rows[0]
+    avx512 = {True: ", AVX-512", False: ", no AVX-512", None: ""}[first["cpu_avx512"]]
+    title = (f"{first['backend']} ({first['cpu_vendor'] or 'unknown CPU'}{avx512}): `--config strong "
+             f"--batch-norm-groups 1`, batch {first['batch_size']}, {first['devices']} device(s)")
+    if markdown:
+        lines = [title, "", "| batch norm | train img/s | slowest | fastest | compile s |",
+                 "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['batch_norm']} | {r['train_images_per_second']:,.0f} | {r['slowest']:,.0f} | "
+                  f"{r['fastest']:,.0f} | {r['compile_seconds']:.1f} |" for r in rows]
+        return "\n".join(lines)
+    header = f"{'batch norm':<24} {'train img/s':>11} {'slowest':>8} {'fastest':>8} {'compile s':>9}"
+    lines = [title.replace("`", ""), header, "-" * len(header)]
+    lines += [f"{r['batch_norm']:<24} {r['train_images_per_second']:>11,.0f} {r['slowest']:>8,.0f} "
+              f"{r['fastest']:>8,.0f} {r['compile_seconds']:>9.1f}" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    parser.add_argument("--rounds", type=int, default=6, help="windows per variant, alternating (median reported)")
+    parser.add_argument("--cpu-devices", type=int, default=None,
+                        help="split the CPU into this many JAX devices (default: one per core, as train does)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    output.add_argument("--markdown", action="store_true", help="a Markdown table (for docs/performance.md)")
+    args = parser.parse_args(argv)
+    if min(args.batch_size, args.steps, args.rounds) <= 0 or (args.cpu_devices is not None and args.cpu_devices <= 0):
+        parser.error("--batch-size, --steps, --rounds and --cpu-devices must be positive")
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    else:
+        backend.use_every_cpu_core()  # as `python -m mnist_jax.train` does
+    rows = measure(args.batch_size, args.steps, args.rounds)
+    print("\n".join(json.dumps(row) for row in rows) if args.json else format_table(rows, args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
