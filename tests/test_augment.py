@@ -1,18 +1,19 @@
 """On-device augmentation: geometry, ranges, per-example transforms, determinism, and its place in the step."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_jax import steps
 from mnist_jax.augment import (TEST_TIME_VIEWS, Augmentation, View, apply_view, deskew, elastic_displacements,
                                gaussian_blur_matrix, random_warp, warp)
 from mnist_jax.config import Config, UserError, validate
 from mnist_jax.model import build_model
-from mnist_jax.optim import make_optimizer
 
-from conftest import make_tiny_images
+from helpers import (IN_PROCESS, SMALL_MODEL, TINY, copy, make_tiny_images, new_state, run_module, run_tool,
+                     train_in_process, train_step)
 
 
 def images(n=16, seed=0):
@@ -161,35 +162,42 @@ def test_the_same_key_gives_the_same_batch():
 def test_augmentation_in_training_only_and_deterministic_in_the_step():
     config = Config(augment_rotation=10.0, augment_scale=0.1, augment_shift=2.0)
     model = build_model(config, 10, 0.2, 0.3)
-    state = steps.create_train_state(model, make_optimizer(config, 10), jax.random.PRNGKey(0), (28, 28, 1))
+    state = new_state(config)
     batch = {"image": images(32), "label": jnp.arange(32) % 10}
     # Evaluation never augments: two calls agree and equal the plain model.
     plain = build_model(Config(), 10, 0.2, 0.3)
     np.testing.assert_array_equal(np.asarray(model.apply(state.variables(), batch["image"])),
                                   np.asarray(plain.apply(state.variables(), batch["image"])))
-    copy = lambda tree: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731
-    a, ma = steps.train_step(copy(state), batch)
-    b, mb = steps.train_step(copy(state), batch)
+    a, ma = train_step(config)(copy(state), batch)
+    b, mb = train_step(config)(copy(state), batch)
     assert float(ma["loss"]) == float(mb["loss"])
-    plain_state = steps.create_train_state(plain, make_optimizer(Config(), 10), jax.random.PRNGKey(0), (28, 28, 1))
-    _, unaugmented = steps.train_step(plain_state, batch)
+    plain_state = new_state(Config())
+    _, unaugmented = train_step(Config())(plain_state, batch)
     assert float(unaugmented["loss"]) != float(ma["loss"])  # training does augment
 
 
+@pytest.mark.e2e
 def test_augmenting_training_run_writes_what_the_model_sees(strong_tiny_run, tmp_path):
     """`train` with augmentation on (here the strong preset's, elastic distortion included) writes
     DIR/augmentations.png; bad augmentation flags are one-line errors."""
     from PIL import Image
 
-    from conftest import run_module
-
     with Image.open(strong_tiny_run / "augmentations.png") as picture:
         assert picture.format == "PNG" and picture.width >= 300 and picture.height >= 300
         pixels = np.asarray(picture.convert("L"), np.float64)
     assert pixels.mean() < 160 and pixels.std() > 50  # bright strokes on dark cells, not lines or text on white
-    bad = run_module("mnist_jax.train", "--workdir", tmp_path / "x", "--augment-scale", "1.5")
+    assert_bad_augmentation_flags_are_refused(run_module, tmp_path)
+
+
+def test_bad_augmentation_flags_are_one_line_errors(tmp_path):
+    """The previous test's command-line part, by the training command's main in this process."""
+    assert_bad_augmentation_flags_are_refused(functools.partial(run_tool, IN_PROCESS), tmp_path)
+
+
+def assert_bad_augmentation_flags_are_refused(run, tmp_path):
+    bad = run("mnist_jax.train", "--workdir", tmp_path / "x", "--augment-scale", "1.5")
     assert bad.returncode == 2 and "--augment-scale must be below 1" in bad.stderr
-    bad = run_module("mnist_jax.train", "--workdir", tmp_path / "x", "--augment-elastic-sigma", "0")
+    bad = run("mnist_jax.train", "--workdir", tmp_path / "x", "--augment-elastic-sigma", "0")
     assert bad.returncode == 2 and "--augment-elastic-sigma must be > 0" in bad.stderr
 
 
@@ -198,10 +206,8 @@ def test_clean_final_epochs_train_on_plain_images_and_resume_exactly(tiny_data_d
     same epoch-1 checkpoint, and resuming into the clean epoch reproduces the run bit for bit."""
     import dataclasses
 
-    from conftest import TINY, train_in_process
-
     augmented = Config(dataset=TINY, batch_size=32, eval_batch_size=100, epochs=2, augment_rotation=10.0,
-                       augment_shift=2.0)
+                       augment_shift=2.0, **SMALL_MODEL)
     clean_last = dataclasses.replace(augmented, clean_final_epochs=1)
     plain = dataclasses.replace(augmented, augment_rotation=0.0, augment_shift=0.0)
 

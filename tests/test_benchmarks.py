@@ -4,9 +4,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from mnist_jax import steps
 
-from conftest import REPO, cli_env
+from helpers import REPO, cli_env
+
+pytestmark = pytest.mark.e2e  # every test here starts Python in a subprocess
 
 FIELDS = {"implementation", "config", "batch_size", "dtype", "train_images_per_second", "eval_images_per_second",
           "compile_seconds", "backend", "device_kind", "speedup_vs_reference", "cpu_vendor", "cpu_avx512",

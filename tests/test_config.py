@@ -7,7 +7,7 @@ import pytest
 
 from mnist_jax.config import PRESETS, Config, UserError, preset, validate
 
-from conftest import TINY_FLAGS, run_module
+from helpers import TINY_FLAGS, run_module
 
 
 def test_presets_are_valid_and_default_is_the_plain_config():
@@ -26,9 +26,13 @@ def test_presets_are_valid_and_default_is_the_plain_config():
         preset("huge")
 
 
-def test_strong_preset_with_overrides_lands_in_config_json(strong_tiny_run, tiny_data_dir):
+@pytest.mark.e2e
+def test_strong_preset_with_overrides_lands_in_config_json(strong_tiny_run, tiny_data_dir, tmp_path):
     """strong_tiny_run is `train --config strong` with TINY_FLAGS and STRONG_TINY_FLAGS overriding fields."""
-    workdir = strong_tiny_run
+    import shutil
+
+    workdir = tmp_path / "w"
+    shutil.copytree(strong_tiny_run, workdir)  # resumed below; other tests share the run
     saved = Config.from_dict(json.loads((workdir / "config.json").read_text()))
     assert saved == dataclasses.replace(PRESETS["strong"], dataset="tiny_digits", batch_size=32, eval_batch_size=100,
                                         epochs=3, warmup_epochs=0.5, validation_fraction=0.25)
@@ -45,7 +49,7 @@ def test_strong_preset_with_overrides_lands_in_config_json(strong_tiny_run, tiny
     assert "convs_per_block=2 (asked 1)" in other.stderr and "batch_norm=True (asked False)" in other.stderr
 
 
-def test_unknown_preset_is_one_line_exit_2(tmp_path):
-    result = run_module("mnist_jax.train", "--workdir", tmp_path / "w", "--config", "huge")
+def test_unknown_preset_is_one_line_exit_2(way, tmp_path):
+    result = way.run("mnist_jax.train", "--workdir", tmp_path / "w", "--config", "huge")
     assert result.returncode == 2 and "invalid choice: 'huge'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()

@@ -1,4 +1,4 @@
-import time
+import socket
 
 import jax
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 from mnist_jax import data
 from mnist_jax.config import UserError
 
-from conftest import TINY
+from helpers import TINY
 
 
 def test_loader_reads_a_tfds_dataset_onto_the_device(tiny_data_dir):
@@ -41,11 +41,25 @@ def test_unknown_dataset_is_a_user_error(tiny_data_dir):
 
 
 def test_missing_dataset_offline_fails_at_once_naming_data_dir(monkeypatch, tmp_path):
+    """Offline, a dataset missing from --data-dir is a UserError before any download or network attempt (tfds
+    alone would retry its download for minutes): both fail the test here if they are tried."""
+    import tensorflow_datasets as tfds
+
+    def attempted(what):
+        def fail(*args, **kwargs):
+            pytest.fail(f"{what} attempted for a missing dataset while offline")
+        return fail
+
     monkeypatch.setenv("MNIST_JAX_OFFLINE", "1")
-    start = time.time()
-    with pytest.raises(UserError, match="--data-dir"):
+    download = attempted("download_and_prepare")
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download)
+    for name in ("create_connection", "getaddrinfo"):
+        monkeypatch.setattr(socket, name, attempted(f"socket.{name}"))
+    monkeypatch.setattr(socket.socket, "connect", attempted("socket.connect"))
+    with pytest.raises(UserError, match="--data-dir") as error:
         data.load_dataset("mnist", str(tmp_path))
-    assert time.time() - start < 30  # tfds alone would retry its download for minutes
+    assert str(tmp_path) in str(error.value) and "no network" in str(error.value)
+    assert type(tfds.builder("mnist", data_dir=str(tmp_path))).download_and_prepare is download  # the one it calls
 
 
 def test_epoch_permutation_is_a_keyed_shuffle_without_repeats():

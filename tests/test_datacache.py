@@ -10,7 +10,7 @@ import pytest
 
 from mnist_jax import data, datacache
 
-from conftest import TINY, cli_env, write_tiny_dataset
+from helpers import TINY, cli_env, write_tiny_dataset
 
 
 @pytest.fixture
@@ -39,6 +39,28 @@ def digest(images: np.ndarray, labels: np.ndarray) -> str:
     return hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
 
 
+def test_a_cached_split_is_read_back_without_decoding(cache, tiny_data_dir, monkeypatch):
+    """In this process (the fast tier's part of the next test): the first read caches the split, the next read
+    returns the same arrays without tfds decoding anything."""
+    import tensorflow_datasets as tfds
+
+    expected = decoded_by_tfds("test", tiny_data_dir, monkeypatch)
+    assert not cache.exists()  # off means off
+    images, labels = load("test", tiny_data_dir)
+    np.testing.assert_array_equal(images, expected[0])
+    np.testing.assert_array_equal(labels, expected[1])
+    [entry] = cache.iterdir()
+    assert entry.name.startswith("tiny_digits-1.0.0-test-") and entry.suffix == ".npz"
+
+    def decoding(*args, **kwargs):
+        pytest.fail("a cached split was decoded again")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "as_dataset", decoding)
+    monkeypatch.setattr(tfds, "as_numpy", decoding)
+    assert digest(*load("test", tiny_data_dir)) == digest(*expected)
+
+
+@pytest.mark.e2e
 def test_a_new_process_reads_the_cached_split_without_tensorflow(cache, tiny_data_dir, monkeypatch):
     expected = decoded_by_tfds("test", tiny_data_dir, monkeypatch)
     assert not cache.exists()  # off means off

@@ -12,9 +12,8 @@ from mnist_jax import checkpoint, steps
 from mnist_jax.checkpoint import restore_model
 from mnist_jax.config import Config, UserError, validate
 
-from conftest import TINY, run_module, train_in_process
-from test_checkpoint import meta
-from test_steps import copy, fixed_batch, new_state
+from helpers import (SMALL_MODEL, TINY, copy, fixed_batch, meta, new_state, non_donating_train_step, train_in_process,
+                     train_step)
 
 BN = Config(batch_norm=True, ema_decay=0.9)
 
@@ -24,7 +23,7 @@ def test_average_follows_its_formula_for_params_and_batch_statistics():
     initial random weights carry no weight at all."""
     state = new_state(BN)
     assert state.variables() is state.ema and set(state.ema) == {"params", "batch_stats"}
-    plain_step = jax.jit(steps._train_step)  # not donating: the test keeps each state
+    plain_step = non_donating_train_step(BN)  # not donating: the test keeps each state
     history = []
     for step in range(1, 6):
         state, _ = plain_step(state, fixed_batch(seed=step))
@@ -45,7 +44,7 @@ def test_average_follows_its_formula_for_params_and_batch_statistics():
 def test_evaluation_uses_the_average_and_training_the_trained_weights():
     state = new_state(BN)
     for seed in range(3):
-        state, _ = steps.train_step(state, fixed_batch(seed=seed))
+        state, _ = train_step(BN)(state, fixed_batch(seed=seed))
     batch = fixed_batch(seed=9)
     totals = steps.eval_step(state, batch, jnp.ones(32))
     logits = state.apply_fn(state.ema, batch["image"])
@@ -58,9 +57,10 @@ def test_evaluation_uses_the_average_and_training_the_trained_weights():
 def test_without_a_decay_there_is_no_average_and_the_step_is_unchanged():
     state = new_state(Config())
     assert state.ema is None and state.variables() == state.trained_variables()
-    averaged = new_state(dataclasses.replace(Config(), ema_decay=0.5))
-    a, _ = steps.train_step(copy(state), fixed_batch())
-    b, _ = steps.train_step(averaged, fixed_batch())
+    averaged_config = dataclasses.replace(Config(), ema_decay=0.5)
+    averaged = new_state(averaged_config)
+    a, _ = train_step(Config())(copy(state), fixed_batch())
+    b, _ = train_step(averaged_config)(averaged, fixed_batch())
     for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # the average never feeds back into training
 
@@ -68,7 +68,7 @@ def test_without_a_decay_there_is_no_average_and_the_step_is_unchanged():
 def test_checkpoint_keeps_the_average_and_inference_restores_it(tmp_path):
     state = new_state(BN)
     for seed in range(2):
-        state, _ = steps.train_step(state, fixed_batch(seed=seed))
+        state, _ = train_step(BN)(state, fixed_batch(seed=seed))
     manager = checkpoint.open_manager(str(tmp_path))
     checkpoint.save(manager, state, meta(BN, 1, [0.5]))
     restored, _ = checkpoint.restore_latest(str(tmp_path), manager, new_state(BN))
@@ -81,7 +81,8 @@ def test_checkpoint_keeps_the_average_and_inference_restores_it(tmp_path):
 
 
 def test_a_run_with_an_average_resumes_bit_for_bit(tiny_data_dir, tmp_path):
-    config = Config(dataset=TINY, batch_size=32, eval_batch_size=100, epochs=2, batch_norm=True, ema_decay=0.95)
+    config = Config(dataset=TINY, batch_size=32, eval_batch_size=100, epochs=2, batch_norm=True, ema_decay=0.95,
+                    **SMALL_MODEL)
 
     history, leaves = train_in_process(config, tiny_data_dir, tmp_path / "whole")
     resumed_history, resumed_leaves = train_in_process(config, tiny_data_dir, tmp_path / "resumed",
@@ -97,7 +98,7 @@ def test_bad_decay_is_refused(decay, tmp_path):
         validate(Config(ema_decay=decay))
 
 
-def test_bad_decay_on_the_command_line_is_one_line_exit_2(tmp_path):
-    result = run_module("mnist_jax.train", "--workdir", tmp_path / "x", "--ema-decay", "1")
+def test_bad_decay_on_the_command_line_is_one_line_exit_2(way, tmp_path):
+    result = way.run("mnist_jax.train", "--workdir", tmp_path / "x", "--ema-decay", "1")
     assert result.returncode == 2 and result.stderr == "error: --ema-decay must be in [0, 1), got 1.0\n"
     assert not (tmp_path / "x").exists()

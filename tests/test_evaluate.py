@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from mnist_jax.evaluate import evaluate
 from mnist_jax.evaluate import main as evaluate_main
 from mnist_jax.inference import check_same_task
 
-from conftest import TINY, TINY_FLAGS, numpy_softmax, run_main_in_process, run_module
+from helpers import TINY, TINY_FLAGS, numpy_softmax, run_main_in_process, run_module, trained_once
 
 PLOTS = ("confusion_matrix.png", "samples.png", "mistakes.png", "per_class.png")
 
@@ -34,9 +35,11 @@ def assert_matches_sklearn(report, labels, predictions, classes):
     assert [report["macro_avg"][k] for k in ("precision", "recall", "f1")] == pytest.approx(macro[:3], abs=1e-6)
 
 
-def test_evaluate_cli_writes_every_file_in_split_order(tiny_run, tiny_data_dir):
-    result = run_module("mnist_jax.evaluate", "--workdir", tiny_run, "--data-dir", tiny_data_dir, "--checkpoint",
-                        "latest")
+def test_evaluate_cli_writes_every_file_in_split_order(way, tiny_data_dir, tmp_path):
+    tiny_run = tmp_path / "run"
+    shutil.copytree(way.fixture("tiny_run"), tiny_run)  # evaluate writes into the workdir; other tests share the run
+    result = way.run("mnist_jax.evaluate", "--workdir", tiny_run, "--data-dir", tiny_data_dir, "--checkpoint",
+                     "latest")
     assert result.returncode == 0, result.stderr
     assert "weighted avg" in result.stdout and "accuracy" in result.stdout
     out = tiny_run / "eval" / "test"
@@ -57,8 +60,8 @@ def test_evaluate_cli_writes_every_file_in_split_order(tiny_run, tiny_data_dir):
             assert image.format == "PNG" and 300 <= image.width <= 4000 and 300 <= image.height <= 4000
 
 
-def test_evaluate_every_example_once_with_a_partial_last_batch(tiny_run, tiny_data_dir, tmp_path):
-    report = evaluate(str(tiny_run), "train[:333]", "best", str(tiny_data_dir), out_dir=str(tmp_path))
+def test_evaluate_every_example_once_with_a_partial_last_batch(tiny_run_in_process, tiny_data_dir, tmp_path):
+    report = evaluate(str(tiny_run_in_process), "train[:333]", "best", str(tiny_data_dir), out_dir=str(tmp_path))
     assert sum(row["support"] for row in report["per_class"]) == 333
     assert len(np.load(tmp_path / "predictions.npz")["labels"]) == 333
 
@@ -70,14 +73,15 @@ def test_evaluate_every_example_once_with_a_partial_last_batch(tiny_run, tiny_da
     (("--split", "test[:200%]"), "bad split 'test[:200%]': Error parsing split"),
     (("--split", "test[5:2]"), "split 'test[5:2]' of dataset 'tiny_digits' holds no examples"),
 ])
-def test_evaluate_bad_input(tiny_run, tiny_data_dir, args, message):
+def test_evaluate_bad_input(tiny_run_in_process, tiny_data_dir, args, message):
     # `python -m mnist_jax.evaluate ...`, in this process (the command's main and error contract, no start-up)
-    result = run_main_in_process(evaluate_main, "--workdir", tiny_run, "--data-dir", tiny_data_dir, *args)
+    result = run_main_in_process(evaluate_main, "--workdir", tiny_run_in_process, "--data-dir", tiny_data_dir, *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_evaluate_real_mnist(mnist_run, shared_data_dir):
     report = evaluate(str(mnist_run), "test", "best", str(shared_data_dir))
     assert report["accuracy"] > 0.97  # one epoch of the default recipe on 20,000 images; chance is 0.1
@@ -85,19 +89,17 @@ def test_evaluate_real_mnist(mnist_run, shared_data_dir):
     assert_matches_sklearn(report, saved["labels"], saved["predictions"], 10)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def second_tiny_run(tmp_path_factory, tiny_data_dir):
     """Another model of the same task (another seed, a wider net): an ensemble member unlike tiny_run."""
-    path = tmp_path_factory.mktemp("second") / "run"
-    result = run_module("mnist_jax.train", "--workdir", path, "--data-dir", tiny_data_dir, *TINY_FLAGS,
+    return trained_once(tmp_path_factory, "second-tiny-run", "--data-dir", tiny_data_dir, *TINY_FLAGS,
                         "--epochs", "2", "--seed", "1", "--conv-features", "16,32")
-    assert result.returncode == 0, result.stderr
-    return path
 
 
-def test_ensemble_of_one_equals_that_models_evaluation(tiny_run, tiny_data_dir, tmp_path):
-    result = run_module("mnist_jax.evaluate", "--ensemble", tiny_run, "--workdir", tmp_path / "one",
-                        "--data-dir", tiny_data_dir)
+def test_ensemble_of_one_equals_that_models_evaluation(way, tiny_data_dir, tmp_path):
+    tiny_run = way.fixture("tiny_run")
+    result = way.run("mnist_jax.evaluate", "--ensemble", tiny_run, "--workdir", tmp_path / "one",
+                     "--data-dir", tiny_data_dir)
     assert result.returncode == 0, result.stderr
     assert "ensemble of 1: accuracy" in result.stdout
     single = evaluate(str(tiny_run), "test", "best", str(tiny_data_dir), out_dir=str(tmp_path / "single"))
@@ -110,6 +112,7 @@ def test_ensemble_of_one_equals_that_models_evaluation(tiny_run, tiny_data_dir, 
     assert all((out / name).exists() for name in PLOTS)
 
 
+@pytest.mark.e2e
 def test_ensemble_averages_its_members_probabilities(tiny_run, second_tiny_run, tiny_data_dir, tmp_path):
     result = run_module("mnist_jax.evaluate", "--ensemble", tiny_run, second_tiny_run, "--workdir", tmp_path / "ens",
                         "--data-dir", tiny_data_dir)
@@ -130,6 +133,7 @@ def test_ensemble_averages_its_members_probabilities(tiny_run, second_tiny_run, 
     assert_matches_sklearn(report, labels, saved["predictions"], 10)
 
 
+@pytest.mark.e2e
 def test_test_time_augmentation_averages_every_view_of_every_member(tiny_run, second_tiny_run, tiny_data_dir,
                                                                      tmp_path):
     result = run_module("mnist_jax.evaluate", "--ensemble", tiny_run, second_tiny_run, "--workdir", tmp_path / "ens",
@@ -150,15 +154,16 @@ def test_test_time_augmentation_averages_every_view_of_every_member(tiny_run, se
     assert not (tmp_path / "ens" / "eval" / "test").exists()  # a plain evaluation's outputs are never overwritten
 
 
-def test_ensemble_members_must_share_a_dataset(tiny_run, tiny_data_dir, tmp_path):
+def test_ensemble_members_must_share_a_dataset(way, tiny_data_dir, tmp_path):
+    tiny_run = way.fixture("tiny_run")
     model = restore_model(str(tiny_run), "best")
     other = dataclasses.replace(model, config=dataclasses.replace(model.config, dataset="tiny_five"),
                                 class_names=model.class_names[:5])
     with pytest.raises(UserError, match="ensemble members must share a dataset: tiny_digits"):
         check_same_task([model, other])
-    result = run_module("mnist_jax.evaluate", "--ensemble", tiny_run, "--workdir", tiny_run,
-                        "--data-dir", tiny_data_dir)
+    result = way.run("mnist_jax.evaluate", "--ensemble", tiny_run, "--workdir", tiny_run,
+                     "--data-dir", tiny_data_dir)
     assert result.returncode == 2 and "is one of the ensemble's members" in result.stderr
-    missing = run_module("mnist_jax.evaluate", "--ensemble", tiny_run, tmp_path / "nope", "--workdir", tmp_path / "o")
+    missing = way.run("mnist_jax.evaluate", "--ensemble", tiny_run, tmp_path / "nope", "--workdir", tmp_path / "o")
     assert missing.returncode == 2 and "no checkpoints found" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

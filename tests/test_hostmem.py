@@ -38,6 +38,38 @@ def test_no_restart_where_it_cannot_help_or_is_already_done(environ, libc, thp):
     assert huge_page_environment(environ, libc, thp) is None
 
 
+def test_restart_execs_the_same_command_with_the_tunable(monkeypatch, tmp_path):
+    """`restart_with_huge_pages` in this process, its exec recorded instead of done: this interpreter, the original
+    arguments, the environment `huge_page_environment` gives; nothing where it gives None. (The e2e test below
+    execs for real.)"""
+    from mnist_jax import hostmem
+
+    class Exec(Exception):
+        pass
+
+    def execve(path, argv, env):
+        raise Exec(path, argv, env)
+
+    thp = tmp_path / "enabled"
+    thp.write_text(MADVISE)
+    monkeypatch.setattr(hostmem, "THP_SETTING", str(thp))
+    monkeypatch.setattr(hostmem.platform, "libc_ver", lambda: GLIBC)
+    monkeypatch.setattr(hostmem.sys, "platform", "linux")
+    monkeypatch.setattr(hostmem.os, "execve", execve)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(OPT_OUT, raising=False)
+    with pytest.raises(Exec) as restart:
+        hostmem.restart_with_huge_pages()
+    path, argv, env = restart.value.args
+    assert path == sys.executable and argv == sys.orig_argv
+    assert env == {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    monkeypatch.setenv(OPT_OUT, "0")
+    hostmem.restart_with_huge_pages()  # returns: no exec
+    monkeypatch.delenv(OPT_OUT)
+    thp.unlink()  # no transparent huge pages in this kernel
+    hostmem.restart_with_huge_pages()
+
+
 def _machine_supports_it() -> bool:
     try:
         with open(THP_SETTING) as f:
@@ -60,6 +92,7 @@ def _run(extra_env: dict[str, str]) -> tuple[int, str, int]:
     return int(pid), tunables, process.pid
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not _machine_supports_it(), reason="needs Linux with glibc >= 2.35 and transparent huge pages")
 def test_restart_sets_the_tunable_in_the_same_process():
     pid, tunables, launched_pid = _run({})

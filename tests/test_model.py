@@ -1,3 +1,5 @@
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,19 +14,34 @@ def init(model, shape=(2, 28, 28, 1)):
     return model.init(jax.random.PRNGKey(0), jnp.zeros(shape, jnp.uint8), train=False)
 
 
+def init_shapes(model, shape=(2, 28, 28, 1)):
+    """What `init` returns, as shapes and dtypes: traced, never compiled (for the tests of the structure alone)."""
+    return jax.eval_shape(lambda: init(model, shape))
+
+
+def apply_shape(model, variables, shape):
+    """The shape of the model's output for uint8 images of `shape`, traced, never compiled."""
+    return jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct(shape, jnp.uint8)).shape
+
+
+def jitted(method, **static):
+    """A module's bound `init` or `apply` with its static keyword arguments, jitted: for a model of many layers no
+    other test builds, one compiled program instead of Flax's one per operation (the same values)."""
+    return jax.jit(functools.partial(method, **static))
+
+
 def test_default_model_shapes_and_parameter_count():
     model = build_model(Config(), num_classes=10, mean=0.13, std=0.31)
-    variables = init(model)
-    logits = model.apply(variables, jnp.zeros((5, 28, 28, 1), jnp.uint8))
-    assert logits.shape == (5, 10)
+    variables = init_shapes(model)
+    assert apply_shape(model, variables, (5, 28, 28, 1)) == (5, 10)
     # The Flax MNIST example's CNN: 824,458 parameters on 1-channel images; 825,034 (the figure often quoted)
     # is the same network on 3-channel input, where the first conv has 3*9*32 weights instead of 9*32.
     assert count_params(variables["params"]) == 824_458
-    assert count_params(init(model, (1, 28, 28, 3))["params"]) == 825_034
+    assert count_params(init_shapes(model, (1, 28, 28, 3))["params"]) == 825_034
 
 
 def test_layer_structure_matches_flax_example():
-    params = init(build_model(Config(), 10, 0.0, 1.0))["params"]
+    params = init_shapes(build_model(Config(), 10, 0.0, 1.0))["params"]
     shapes = {name: {k: v.shape for k, v in layer.items()} for name, layer in params.items()}
     assert shapes == {
         "Conv_0": {"kernel": (3, 3, 1, 32), "bias": (32,)},
@@ -37,18 +54,19 @@ def test_layer_structure_matches_flax_example():
 def test_configurable_depth_width_batch_norm_and_dropout():
     config = Config(conv_features=(8, 16, 32), dense_features=(64, 32), batch_norm=True, dropout_rate=0.5)
     model = build_model(config, num_classes=7, mean=0.0, std=1.0)
-    variables = init(model)
+    variables = jitted(model.init, train=False)(jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1), jnp.uint8))
     assert "batch_stats" in variables
     assert len([k for k in variables["params"] if k.startswith("Conv")]) == 3
     images = jax.random.randint(jax.random.PRNGKey(1), (4, 28, 28, 1), 0, 256).astype(jnp.uint8)
-    logits, _ = model.apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(2)},
-                            mutable=["batch_stats"])
+    train_apply = jitted(model.apply, train=True, mutable=("batch_stats",))
+    logits, _ = train_apply(variables, images, rngs={"dropout": jax.random.PRNGKey(2)})
     assert logits.shape == (4, 7)
     # Dropout is active in training and off in evaluation.
-    a, _ = model.apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(3)}, mutable=["batch_stats"])
+    a, _ = train_apply(variables, images, rngs={"dropout": jax.random.PRNGKey(3)})
     assert not jnp.allclose(logits, a)
-    e1 = model.apply(variables, images, train=False)
-    e2 = model.apply(variables, images, train=False)
+    eval_apply = jitted(model.apply, train=False)
+    e1 = eval_apply(variables, images)
+    e2 = eval_apply(variables, images)
     assert jnp.array_equal(e1, e2)
 
 
@@ -90,11 +108,12 @@ def test_deskew_runs_inside_the_model_at_evaluation_and_after_training_augmentat
 @pytest.mark.parametrize("classes", [2, 10, 47])
 def test_number_of_classes(classes):
     model = build_model(Config(), classes, 0.0, 1.0)
-    assert model.apply(init(model), jnp.zeros((3, 28, 28, 1), jnp.uint8)).shape == (3, classes)
+    assert apply_shape(model, init_shapes(model), (3, 28, 28, 1)) == (3, classes)
 
 
 def test_convs_per_block_stacks_convs_before_each_pooling():
-    params = init(build_model(Config(conv_features=(8, 16), convs_per_block=2, dense_features=(32,)), 10, 0.0, 1.0))
+    params = init_shapes(build_model(Config(conv_features=(8, 16), convs_per_block=2, dense_features=(32,)), 10, 0.0,
+                                     1.0))
     shapes = {name: layer["kernel"].shape for name, layer in params["params"].items()}
     assert shapes == {"Conv_0": (3, 3, 1, 8), "Conv_1": (3, 3, 8, 8), "Conv_2": (3, 3, 8, 16),
                       "Conv_3": (3, 3, 16, 16), "Dense_0": (7 * 7 * 16, 32), "Dense_1": (32, 10)}

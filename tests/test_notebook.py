@@ -1,9 +1,12 @@
 """The notebook runs top to bottom on small data, so it cannot rot."""
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
-from conftest import REPO, TINY
+from helpers import REPO, TINY
+
+pytestmark = pytest.mark.e2e  # the notebook runs in a Jupyter kernel: a Python subprocess
 
 
 def test_notebook_executes_on_tiny_data(tiny_data_dir, tmp_path, monkeypatch):

@@ -1,14 +1,15 @@
 """Data parallelism on two CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=2), in subprocesses
 because the device count is fixed when JAX starts."""
 
-import json
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, TINY_FLAGS, cli_env
+from helpers import REPO, TINY_FLAGS, cli_env, read_jsonl
+
+pytestmark = pytest.mark.e2e  # every test here starts Python in a subprocess (two devices need a fresh JAX)
 
 TWO_DEVICES = "--xla_force_host_platform_device_count=2"
 
@@ -22,8 +23,7 @@ def run(args, extra_env=None, module="mnist_jax.train"):
 
 
 def history(workdir):
-    with open(workdir / "metrics.jsonl") as handle:
-        return [json.loads(line) for line in handle]
+    return read_jsonl(workdir / "metrics.jsonl")
 
 
 def test_step_on_two_devices_equals_one_device():

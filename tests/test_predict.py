@@ -12,7 +12,7 @@ from mnist_jax.data import load_split_numpy
 from mnist_jax.images import preprocess_file
 from mnist_jax.predict import format_result, predict_files
 
-from conftest import numpy_softmax, run_module
+from helpers import numpy_softmax
 
 
 def save_forms(image: np.ndarray, directory, stem: str) -> list[str]:
@@ -30,12 +30,13 @@ def save_forms(image: np.ndarray, directory, stem: str) -> list[str]:
     return [str(p) for p in paths]
 
 
-def test_predict_cli_text_json_and_errors(tiny_run, tmp_path):
+def test_predict_cli_text_json_and_errors(way, tmp_path):
+    tiny_run = way.fixture("tiny_run")
     good = tmp_path / "digit.png"
     Image.fromarray(np.pad(np.full((12, 6), 255, np.uint8), 8)).save(good)
     (tmp_path / "notes.png").write_text("not an image")
     missing = tmp_path / "missing.png"
-    result = run_module("mnist_jax.predict", "--workdir", tiny_run, good, tmp_path / "notes.png", missing, "--json")
+    result = way.run("mnist_jax.predict", "--workdir", tiny_run, good, tmp_path / "notes.png", missing, "--json")
     assert result.returncode == 1  # some files failed; the others are still classified
     entries = json.loads(result.stdout)
     assert [e["file"] for e in entries] == [str(good), str(tmp_path / "notes.png"), str(missing)]
@@ -43,14 +44,15 @@ def test_predict_cli_text_json_and_errors(tiny_run, tmp_path):
     assert entries[0]["prediction"] == int(np.argmax(entries[0]["probabilities"]))
     assert sum(entries[0]["probabilities"]) == pytest.approx(1, abs=1e-5)
     assert "notes.png" in entries[1]["error"] and "missing.png" in entries[2]["error"]
-    text = run_module("mnist_jax.predict", "--workdir", tiny_run, good)
+    text = way.run("mnist_jax.predict", "--workdir", tiny_run, good)
     assert text.returncode == 0 and "top 3:" in text.stdout and text.stdout.startswith(str(good))
 
 
-def test_predict_with_test_time_augmentation_averages_the_views(tiny_run, tmp_path):
+def test_predict_with_test_time_augmentation_averages_the_views(way, tmp_path):
+    tiny_run = way.fixture("tiny_run")
     digit = tmp_path / "digit.png"
     Image.fromarray(np.pad(np.full((12, 6), 255, np.uint8), 8)).save(digit)
-    result = run_module("mnist_jax.predict", "--workdir", tiny_run, digit, "--tta", "--json")
+    result = way.run("mnist_jax.predict", "--workdir", tiny_run, digit, "--tta", "--json")
     assert result.returncode == 0, result.stderr
     model = restore_model(str(tiny_run), "best")
     pixels = preprocess_file(str(digit)).reshape(1, 28, 28, 1)
@@ -59,8 +61,8 @@ def test_predict_with_test_time_augmentation_averages_the_views(tiny_run, tmp_pa
     np.testing.assert_allclose(json.loads(result.stdout)[0]["probabilities"], expected, atol=1e-5)
 
 
-def test_predict_missing_workdir(tmp_path):
-    result = run_module("mnist_jax.predict", "--workdir", tmp_path / "none", tmp_path / "x.png")
+def test_predict_missing_workdir(way, tmp_path):
+    result = way.run("mnist_jax.predict", "--workdir", tmp_path / "none", tmp_path / "x.png")
     assert result.returncode == 2 and "no checkpoints found" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -71,6 +73,7 @@ def test_format_result_ranks_the_top_three():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_predict_on_real_mnist_files_agrees_with_the_model(mnist_run, shared_data_dir, tmp_path):
     """Real test digits saved as files in four forms are classified about as well as evaluate's accuracy."""
     images, labels = load_split_numpy("mnist", "test", str(shared_data_dir))

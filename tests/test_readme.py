@@ -1,6 +1,7 @@
-"""The README's commands and flags are the tools' own: every console example parses with its tool's parser, every
-`--flag` it names exists, and its table of training flags lists each Config field with its real default and `strong`
-value. A renamed flag or a changed default fails here instead of in a reader's terminal."""
+"""The README's and docs' commands and flags are the tools' own: every console example parses with its tool's parser,
+every `--flag` they name exists, and docs/usage.md's table of training flags lists each Config field with its real
+default and `strong` value. A renamed flag or a changed default fails here instead of in a reader's terminal. The
+README stays a product page (at most 250 lines), and nothing in them is dated or points outside the repository."""
 
 import argparse
 import dataclasses
@@ -8,20 +9,25 @@ import importlib
 import re
 import shlex
 import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
 
 from mnist_jax.config import PRESETS, Config
 
-from conftest import REPO
-
-README = (REPO / "README.md").read_text()
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+USAGE = REPO / "docs" / "usage.md"
+DOCUMENTS = [README, *sorted((REPO / "docs").glob("*.md"))]
+README_MAX_LINES = 250
 TOOLS = ("mnist_jax.train", "mnist_jax.evaluate", "mnist_jax.predict", "mnist_jax.serve", "mnist_jax.sweep",
          "mnist_jax.transfer", "benchmarks/step_throughput.py", "benchmarks/fusion_choice.py",
-         "benchmarks/serve_load.py", "benchmarks/predict_agreement.py", "benchmarks/transfer_study.py")
+         "benchmarks/serve_load.py", "benchmarks/predict_agreement.py", "benchmarks/transfer_study.py",
+         "benchmarks/batchnorm_choice.py")
 OTHER_PROGRAMS_FLAGS = {"--data-binary"}  # curl's, in the serve example
 FLAG_TABLE_HEADING = "### Every training flag"
+ENVIRONMENT_WORD = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
 
 
 class _ParserBuilt(Exception):
@@ -55,36 +61,64 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     return {tool: parser_of(tool) for tool in TOOLS}
 
 
-def console_commands() -> list[tuple[str, list[str]]]:
+def _relative(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def console_commands(text: str) -> list[tuple[str, list[str]]]:
     """(tool, arguments) of every `$ python -m mnist_jax.X ...` or `$ python benchmarks/X.py ...` in a console
-    block, continuation lines joined and trailing comments dropped."""
+    block, continuation lines joined, trailing comments dropped, and leading `time` or VAR=value words skipped."""
     commands = []
-    for block in re.findall(r"```console\n(.*?)```", README, re.S):
+    for block in re.findall(r"```console\n(.*?)```", text, re.S):
         for command in re.findall(r"^\$ ((?:.*\\\n)*.*)", block, re.M):
             words = shlex.split(command.replace("\\\n", " "), comments=True)
+            while words and (words[0] in ("time", "/usr/bin/time") or ENVIRONMENT_WORD.fullmatch(words[0])):
+                words = words[1:]  # `time CMD`, `VAR=value CMD`: the command is what follows
             if words[:2] == ["python", "-m"] and words[2].startswith("mnist_jax."):
                 commands.append((words[2], words[3:]))
-            elif words[0] == "python" and words[1].startswith("benchmarks/"):
+            elif words[:1] == ["python"] and words[1].startswith("benchmarks/"):
                 commands.append((words[1], words[2:]))
     return commands
 
 
 def test_every_console_example_parses_with_its_tools_parser(parsers):
-    commands = console_commands()
-    assert {tool for tool, _ in commands} >= {"mnist_jax.train", "mnist_jax.evaluate", "mnist_jax.predict",
-                                              "mnist_jax.serve", "mnist_jax.sweep", "mnist_jax.transfer"}
-    for tool, arguments in commands:
-        try:
-            parsers[tool].parse_args(arguments)
-        except SystemExit:
-            pytest.fail(f"README: `{tool} {' '.join(arguments)}` does not parse")
+    commands = {document: console_commands(document.read_text()) for document in DOCUMENTS}
+    every = [command for found in commands.values() for command in found]
+    assert {tool for tool, _ in every} >= {"mnist_jax.train", "mnist_jax.evaluate", "mnist_jax.predict",
+                                           "mnist_jax.serve", "mnist_jax.sweep", "mnist_jax.transfer"}
+    # The README's quick start: train -> evaluate -> predict -> serve.
+    assert {tool for tool, _ in commands[README]} >= {"mnist_jax.train", "mnist_jax.evaluate", "mnist_jax.predict",
+                                                       "mnist_jax.serve"}
+    for document, found in commands.items():
+        for tool, arguments in found:
+            try:
+                parsers[tool].parse_args(arguments)
+            except SystemExit:
+                pytest.fail(f"{_relative(document)}: `{tool} {' '.join(arguments)}` does not parse")
 
 
-def test_every_flag_the_readme_names_exists(parsers):
+def test_every_flag_the_readme_and_docs_name_exists(parsers):
     known = set().union(*(parser._option_string_actions for parser in parsers.values()))
-    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*(?![\w])", README))  # not XLA's --xla_cpu_... options
-    assert "--learning-rate" in named and "--tta" in named
-    assert named - known - OTHER_PROGRAMS_FLAGS == set()
+    named_anywhere = set()
+    for document in DOCUMENTS:
+        # Not XLA's --xla_cpu_... options, whose underscores end the match.
+        named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*(?![\w])", document.read_text()))
+        unknown = named - known - OTHER_PROGRAMS_FLAGS
+        assert unknown == set(), f"{_relative(document)} names flags no tool has: {sorted(unknown)}"
+        named_anywhere |= named
+    assert "--learning-rate" in named_anywhere and "--tta" in named_anywhere
+
+
+def test_the_readme_is_a_product_page():
+    lines = README.read_text().count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; details belong in docs/"
+
+
+def test_nothing_is_dated_or_outside_the_repository():
+    for document in DOCUMENTS:
+        text = document.read_text()
+        assert "../shared" not in text, f"{_relative(document)} names a path users do not have"
+        assert re.findall(r"20\d\d-\d\d-\d\d", text) == [], f"{_relative(document)} is dated"
 
 
 def _shown(value) -> str:
@@ -96,7 +130,7 @@ def _shown(value) -> str:
 
 
 def flag_table_rows() -> list[str]:
-    """The table the README must hold: one row per Config flag, its default, `strong`'s value where it differs,
+    """The table docs/usage.md must hold: one row per Config flag, its default, `strong`'s value where it differs,
     and its help text."""
     default, strong = Config(), PRESETS["strong"]
     rows = []
@@ -112,7 +146,9 @@ def flag_table_rows() -> list[str]:
 
 def test_the_flag_table_lists_every_config_flag_with_its_real_values():
     assert list(PRESETS) == ["default", "strong"]  # a new preset needs its column
-    section = README.split(FLAG_TABLE_HEADING, 1)[1].split("\n#", 1)[0]
+    usage = USAGE.read_text()
+    assert usage.count(FLAG_TABLE_HEADING) == 1
+    section = usage.split(FLAG_TABLE_HEADING, 1)[1].split("\n#", 1)[0]
     table = [line for line in section.splitlines() if line.startswith("| `--")]
     expected = flag_table_rows()
-    assert table == expected, "README's flag table should read:\n" + "\n".join(expected)
+    assert table == expected, "docs/usage.md's flag table should read:\n" + "\n".join(expected)

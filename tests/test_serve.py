@@ -1,70 +1,35 @@
-"""The web server as a user runs it: `python -m mnist_jax.serve` in its own process, real HTTP on 127.0.0.1."""
+"""The web server: its app in this process, driven by FastAPI's TestClient (the fast tier), and as a user runs it,
+`python -m mnist_jax.serve` in its own process with real HTTP on 127.0.0.1 (e2e). Every request test runs both ways."""
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import dataclasses
 import io
 import json
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from conftest import REPO, cli_env, run_module
-
-READY = re.compile(r"serving \S+ checkpoint (\d+) at (http://\S+)")
+from helpers import IN_PROCESS, SUBPROCESS, ServerProcess, digit_png, make_tiny_images
 
 
-class ServerProcess:
-    """`python -m mnist_jax.serve --port 0 ...` started, waited for (its ready line gives the URL), and stopped."""
+@dataclasses.dataclass
+class Served:
+    """A served tiny run: the workdir, the checkpoint step served, and an HTTP client of the server."""
 
-    def __init__(self, workdir: Path, *args: str, log_dir: Path, timeout: float = 180) -> None:
-        self.stdout_path, self.stderr_path = log_dir / "serve.stdout", log_dir / "serve.stderr"
-        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "mnist_jax.serve", "--workdir", str(workdir), "--port", "0", *args],
-                stdout=stdout, stderr=stderr, env=cli_env(), cwd=REPO,
-            )
-        deadline = time.monotonic() + timeout
-        while not (match := READY.search(self.stdout_path.read_text())):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"server did not become ready: {self.stderr_path.read_text()}")
-            time.sleep(0.1)
-        self.step, self.url = int(match.group(1)), match.group(2).rstrip("/")
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-
-def digit_png(seed: int, size: int = 140, dark_on_light: bool = False) -> bytes:
-    """A random multi-stroke scribble, like a drawn digit, as PNG bytes."""
-    rng = np.random.default_rng(seed)
-    image = Image.new("L", (size, size), 255 if dark_on_light else 0)
-    points = [tuple(int(v) for v in rng.integers(size // 6, size - size // 6, 2)) for _ in range(4)]
-    ImageDraw.Draw(image).line(points, fill=0 if dark_on_light else 255, width=max(2, size // 14), joint="curve")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    workdir: Path
+    step: int
+    client: httpx.Client
+    new_client: Callable[[], contextlib.AbstractContextManager]  # a thread's own client, or the shared one in process
 
 
 @pytest.fixture(scope="module")
@@ -75,20 +40,42 @@ def server(tiny_run, tmp_path_factory):
     assert "Traceback" not in running.stderr, running.stderr
 
 
+@pytest.fixture(scope="module", params=[IN_PROCESS, pytest.param(SUBPROCESS, marks=pytest.mark.e2e)])
+def served(request):
+    """IN_PROCESS: `serve.create_app` of tiny_run_in_process in this process, requests through FastAPI's TestClient
+    (the ASGI app itself, no socket). SUBPROCESS: the `server` above over HTTP."""
+    if request.param == SUBPROCESS:
+        server = request.getfixturevalue("server")
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            yield Served(request.getfixturevalue("tiny_run"), server.step, http,
+                         lambda: httpx.Client(base_url=server.url, timeout=30))
+        return
+    from fastapi.testclient import TestClient
+
+    from mnist_jax import serve
+    from mnist_jax.checkpoint import restore_model
+    from mnist_jax.inference import make_predict_fn
+
+    workdir = request.getfixturevalue("tiny_run_in_process")
+    model = restore_model(str(workdir))  # what `serve` does before it listens, but for warming every batch size
+    app = serve.create_app(model, make_predict_fn(model, batch_size=serve.DEFAULT_MAX_BATCH))
+    with TestClient(app) as client:  # runs the app's lifespan: the micro-batcher starts and stops with it
+        yield Served(workdir, model.step, client, lambda: contextlib.nullcontext(client))
+
+
 @pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        yield http
+def client(served):
+    return served.client
 
 
 def post_png(client: httpx.Client, data: bytes) -> httpx.Response:
     return client.post("/api/predict", content=data, headers={"Content-Type": "image/png"})
 
 
-def test_health(client, server, tiny_run) -> None:
+def test_health(client, served) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "checkpoint_step": server.step, "dataset": "tiny_digits"}
+    assert response.json() == {"status": "ok", "checkpoint_step": served.step, "dataset": "tiny_digits"}
 
 
 def test_page_is_served_without_external_resources(client) -> None:
@@ -102,12 +89,12 @@ def test_page_is_served_without_external_resources(client) -> None:
     assert "touch-action: none" in client.get("/static/style.css").text
 
 
-def test_png_prediction_matches_the_predict_cli_path(client, tiny_run, tmp_path) -> None:
+def test_png_prediction_matches_the_predict_cli_path(client, served, tmp_path) -> None:
     from mnist_jax.checkpoint import restore_model
     from mnist_jax.images import preprocess_file
     from mnist_jax.inference import make_predict_fn
 
-    predict = make_predict_fn(restore_model(str(tiny_run)))
+    predict = make_predict_fn(restore_model(str(served.workdir)))
     for seed, dark in [(1, False), (2, True), (3, False)]:
         data = digit_png(seed, dark_on_light=dark)
         path = tmp_path / f"digit{seed}.png"
@@ -131,9 +118,7 @@ def test_jpeg_is_accepted(client) -> None:
     assert sum(response.json()["probabilities"]) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_json_pixels_are_used_as_is(client, tiny_run) -> None:
-    from conftest import make_tiny_images
-
+def test_json_pixels_are_used_as_is(client) -> None:
     labels = np.arange(10)
     images = make_tiny_images(labels, np.random.default_rng(7))[..., 0]
     for label, image in zip(labels, images):
@@ -217,12 +202,12 @@ def test_unknown_paths_and_methods_answer_json_errors(client) -> None:
     assert error_of(client.get("/api/predict"), 405) == "Method Not Allowed"
 
 
-def test_concurrent_requests_are_batched_and_answered_correctly(client, server) -> None:
+def test_concurrent_requests_are_batched_and_answered_correctly(client, served) -> None:
     images = [digit_png(100 + i) for i in range(8)]
     expected = [post_png(client, image).json()["probabilities"] for image in images]
 
     def ask(i: int) -> tuple[int, list[float], int]:
-        with httpx.Client(base_url=server.url, timeout=30) as own:
+        with served.new_client() as own:
             response = post_png(own, images[i % 8])
             assert response.status_code == 200, response.text
             return i, response.json()["probabilities"], int(response.headers["x-batch-size"])
@@ -247,7 +232,8 @@ def test_openapi_documents_the_request_bodies(client) -> None:
     assert "/healthz" in spec["paths"]
 
 
-def test_fuzzed_requests_never_get_a_5xx(server, client) -> None:
+@pytest.mark.e2e
+def test_fuzzed_requests_never_get_a_5xx(server) -> None:
     """Schemathesis generates valid and invalid requests from the OpenAPI spec; none may crash the server."""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
@@ -273,7 +259,8 @@ def test_fuzzed_requests_never_get_a_5xx(server, client) -> None:
     print(sorted(collections.Counter(statuses).items()))
     assert len(statuses) >= 60
     assert {200, 422} <= set(statuses), sorted(set(statuses))
-    assert client.get("/healthz").status_code == 200  # still serving after all of that
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.get("/healthz").status_code == 200  # still serving after all of that
 
 
 def test_server_still_healthy_and_predicting_after_bad_requests(client) -> None:
@@ -283,6 +270,7 @@ def test_server_still_healthy_and_predicting_after_bad_requests(client) -> None:
     assert post_png(client, digit_png(9)).status_code == 200
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_the_server_cleanly(tiny_run, tmp_path) -> None:
     running = ServerProcess(tiny_run, "--max-batch", "1", log_dir=tmp_path)
     with httpx.Client(base_url=running.url, timeout=30) as http:
@@ -292,25 +280,26 @@ def test_sigterm_stops_the_server_cleanly(tiny_run, tmp_path) -> None:
     assert "stopped" in running.stderr and "Traceback" not in running.stderr
 
 
-def test_bad_workdir_is_a_one_line_error(tmp_path) -> None:
-    result = run_module("mnist_jax.serve", "--workdir", tmp_path / "missing", "--port", "0")
+def test_bad_workdir_is_a_one_line_error(way, tmp_path) -> None:
+    result = way.run("mnist_jax.serve", "--workdir", tmp_path / "missing", "--port", "0")
     assert result.returncode == 2
     assert result.stderr.startswith("error: no checkpoints found") and result.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("args, message", [(["--port", "70000"], "--port"), (["--max-body-bytes", "0"], "--max-body-bytes")])
-def test_bad_arguments_are_usage_errors(tiny_run, args, message) -> None:
-    result = run_module("mnist_jax.serve", "--workdir", tiny_run, *args)
+def test_bad_arguments_are_usage_errors(way, args, message) -> None:
+    result = way.run("mnist_jax.serve", "--workdir", way.fixture("tiny_run"), *args)
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_port_in_use_is_a_one_line_error(tiny_run) -> None:
+def test_port_in_use_is_a_one_line_error(way) -> None:
     import socket
 
+    tiny_run = way.fixture("tiny_run")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        result = run_module("mnist_jax.serve", "--workdir", tiny_run, "--port", taken.getsockname()[1])
+        result = way.run("mnist_jax.serve", "--workdir", tiny_run, "--port", taken.getsockname()[1])
     assert result.returncode == 2
     assert "cannot listen on 127.0.0.1" in result.stderr and result.stderr.count("\n") == 1

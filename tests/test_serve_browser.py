@@ -8,14 +8,14 @@ import shutil
 import numpy as np
 import pytest
 
-from test_serve import ServerProcess
+from helpers import ServerProcess
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 INK_THRESHOLD = 128  # MNIST pixels at least this bright are traced
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")

@@ -9,25 +9,9 @@ from mnist_jax import steps
 from mnist_jax.config import Config
 from mnist_jax.data import Split
 from mnist_jax.model import build_model
-from mnist_jax.optim import learning_rate_schedule, make_optimizer
+from mnist_jax.optim import learning_rate_schedule
 
-from conftest import make_tiny_images, numpy_softmax
-
-
-def fixed_batch(n=32, seed=0):
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 10
-    return {"image": jnp.asarray(make_tiny_images(labels, rng)), "label": jnp.asarray(labels, jnp.int32)}
-
-
-def new_state(config=Config(), steps_per_epoch=10, seed=0):
-    model = build_model(config, 10, 0.2, 0.3)
-    return steps.create_train_state(model, make_optimizer(config, steps_per_epoch), jax.random.PRNGKey(seed),
-                                    (28, 28, 1), config.ema_decay, config.label_smoothing)
-
-
-def copy(tree):
-    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+from helpers import copy, fixed_batch, make_tiny_images, new_state, numpy_softmax, train_step
 
 
 def test_jitted_initialisation_gives_flaxs_op_by_op_bits():
@@ -47,10 +31,10 @@ def test_jitted_initialisation_gives_flaxs_op_by_op_bits():
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
-    state, batch = new_state(), fixed_batch()
+    state, batch, step = new_state(), fixed_batch(), train_step(Config())
     losses = []
     for _ in range(8):
-        state, metrics = steps.train_step(state, batch)
+        state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0]
     assert int(state.step) == 8
@@ -58,9 +42,9 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
 
 def test_train_step_is_pure():
     """Same state and batch in, bitwise the same state and metrics out; the input state is not consulted later."""
-    state, batch = new_state(), fixed_batch()
-    a_state, a_metrics = steps.train_step(copy(state), batch)
-    b_state, b_metrics = steps.train_step(copy(state), batch)
+    state, batch, step = new_state(), fixed_batch(), train_step(Config())
+    a_state, a_metrics = step(copy(state), batch)
+    b_state, b_metrics = step(copy(state), batch)
     for x, y in zip(jax.tree_util.tree_leaves((a_state, a_metrics)), jax.tree_util.tree_leaves((b_state, b_metrics))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -68,7 +52,7 @@ def test_train_step_is_pure():
 def test_train_step_donates_the_input_state():
     state, batch = new_state(), fixed_batch()
     params_leaf = jax.tree_util.tree_leaves(state.params)[0]
-    steps.train_step(state, batch)
+    train_step(Config())(state, batch)
     assert params_leaf.is_deleted()
 
 
@@ -76,7 +60,7 @@ def test_dropout_and_batch_norm_state_flow():
     config = Config(batch_norm=True, dropout_rate=0.3)
     state, batch = new_state(config), fixed_batch()
     before = copy(state.batch_stats)
-    state, _ = steps.train_step(state, batch)
+    state, _ = train_step(config)(state, batch)
     changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), before, state.batch_stats)
     assert all(jax.tree_util.tree_leaves(changed)), "training must update the running statistics"
     frozen = copy(state.batch_stats)
@@ -87,13 +71,14 @@ def test_dropout_and_batch_norm_state_flow():
 
 def test_label_smoothing_trains_against_smoothed_targets_and_leaves_evaluation_plain():
     """The step's loss is cross-entropy against 0.9 * one-hot + 0.01, from numpy on the pre-step logits."""
-    state, batch = new_state(Config(label_smoothing=0.1)), fixed_batch()
+    config = Config(label_smoothing=0.1)
+    state, batch = new_state(config), fixed_batch()
     log_probs = np.log(numpy_softmax(state.apply_fn(state.variables(), batch["image"])))
     targets = np.full(log_probs.shape, 0.01)
     targets[np.arange(32), np.asarray(batch["label"])] += 0.9
     plain = -log_probs[np.arange(32), np.asarray(batch["label"])].sum()
     np.testing.assert_allclose(float(steps.eval_step(state, batch, jnp.ones(32))["loss"]), plain, rtol=1e-5)
-    _, metrics = steps.train_step(state, batch)
+    _, metrics = train_step(config)(state, batch)
     np.testing.assert_allclose(float(metrics["loss"]), -(targets * log_probs).sum(1).mean(), rtol=1e-5)
 
 
@@ -118,7 +103,7 @@ def test_on_device_epoch_equals_per_step_loop():
     looped = new_state()
     per_step = []
     for row in permutation:
-        looped, metrics = steps.train_step(looped, steps.take_batch(split, row))
+        looped, metrics = train_step(Config())(looped, steps.take_batch(split, row))
         per_step.append(float(metrics["loss"]))
     scanned, metrics = steps.train_epoch_on_device(new_state(), split, permutation)
     np.testing.assert_allclose(np.asarray(metrics["loss"]), per_step, rtol=1e-5)
@@ -145,10 +130,10 @@ def test_every_optimizer_and_schedule_trains(optimizer, schedule):
         assert values[-1] < 0.2 * config.learning_rate  # every non-constant schedule anneals
     if schedule in ("warmup_cosine", "one_cycle"):
         assert values[0] < values[5]  # and warms up first
-    state, batch = new_state(config), fixed_batch()
+    state, batch, step = new_state(config), fixed_batch(), train_step(config)
     first = None
     for _ in range(6):
-        state, metrics = steps.train_step(state, batch)
+        state, metrics = step(state, batch)
         first = float(metrics["loss"]) if first is None else first
     assert float(metrics["loss"]) < first
 
@@ -158,9 +143,10 @@ def test_compiled_cpu_path_equals_the_plain_jitted_step():
 
     With SGD: Adam's first step divides each gradient by its own magnitude, which turns rounding in a near-zero
     gradient into a difference of a whole learning rate."""
-    batch, state = fixed_batch(), new_state(Config(optimizer="sgd"))
-    plain, plain_metrics = steps.train_step(copy(state), batch)
-    compiled = steps.compile_for_backend(steps.train_step, state, batch)
+    config = Config(optimizer="sgd")
+    batch, state, step = fixed_batch(), new_state(config), train_step(config)
+    plain, plain_metrics = step(copy(state), batch)
+    compiled = steps.compile_for_backend(step, state, batch)
     fast, fast_metrics = compiled(copy(state), batch)
     np.testing.assert_allclose(float(fast_metrics["loss"]), float(plain_metrics["loss"]), rtol=1e-6)
     for x, y in zip(jax.tree_util.tree_leaves(plain.params), jax.tree_util.tree_leaves(fast.params)):
@@ -215,10 +201,10 @@ def test_every_cpu_option_set_computes_the_plain_batch_norm_step(flags, vendor):
     """The batch-norm model compiled with either CPU option set computes the plain jitted step, up to rounding."""
     config = dataclasses.replace(Config(), conv_features=(8, 16), dense_features=(32,), batch_norm=True,
                                  batch_norm_groups=2, optimizer="sgd")  # why SGD: see the test above
-    batch, state = fixed_batch(), new_state(config)
-    plain, plain_metrics = steps.train_step(copy(state), batch)
+    batch, state, step = fixed_batch(), new_state(config), train_step(config)
+    plain, plain_metrics = step(copy(state), batch)
     options = steps.compiler_options("cpu", batch_norm=True, flags=flags, vendor=vendor)
-    fast, fast_metrics = steps.train_step.lower(state, batch).compile(options)(copy(state), batch)
+    fast, fast_metrics = step.lower(state, batch).compile(options)(copy(state), batch)
     np.testing.assert_allclose(float(fast_metrics["loss"]), float(plain_metrics["loss"]), rtol=1e-6)
     for x, y in zip(jax.tree_util.tree_leaves((plain.params, plain.batch_stats)),
                     jax.tree_util.tree_leaves((fast.params, fast.batch_stats))):

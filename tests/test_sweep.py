@@ -13,7 +13,7 @@ from mnist_jax import sweep
 from mnist_jax.config import Config, UserError
 from mnist_jax.workdir import read_metrics
 
-from conftest import REPO, TINY_FLAGS, cli_env, run_main_in_process, run_module
+from helpers import REPO, TINY_FLAGS, cli_env, run_main_in_process, run_module
 
 
 def test_grid_values_are_typed_like_the_flags():
@@ -78,6 +78,48 @@ def test_cli_rejects_bad_grids_with_one_line(tmp_path, args, message):
 SWEEP_ARGS = ("--grid", "learning_rate=0.003,0.01", "--epochs", "2", "--validation-fraction", "0.25", *TINY_FLAGS)
 
 
+def assert_results_rank_the_trials_on_validation(sweep_dir, stdout):
+    """results.csv: one row per trial, ranked on validation, values equal to each trial's own metrics; results.md
+    and sweep.png beside it; the best trial named on stdout."""
+    with open(sweep_dir / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["rank"] for row in rows] == ["1", "2"]
+    assert sorted(row["learning_rate"] for row in rows) == ["0.003", "0.01"]
+    assert float(rows[0]["validation_accuracy"]) >= float(rows[1]["validation_accuracy"])
+    for row in rows:
+        history = read_metrics(str(sweep_dir / row["trial"]))
+        best = max(history, key=lambda e: (e["validation_accuracy"], -e["epoch"]))
+        assert float(row["validation_accuracy"]) == best["validation_accuracy"]
+        assert float(row["test_accuracy"]) == best["test_accuracy"]
+        assert int(row["best_epoch"]) == best["epoch"] and row["epochs"] == "2/2"
+        saved = json.loads((sweep_dir / row["trial"] / "config.json").read_text())
+        assert saved["learning_rate"] == float(row["learning_rate"]) and saved["epochs"] == 2
+    markdown = (sweep_dir / "results.md").read_text().splitlines()
+    assert markdown[0].startswith("| rank | trial | learning_rate | validation_accuracy") and len(markdown) == 4
+    assert (sweep_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"best on validation: {rows[0]['trial']}" in stdout
+
+
+def test_sweep_in_process_ranks_its_trials_and_skips_them_when_run_again(tiny_data_dir, tmp_path):
+    """The sweep command's main (its `run_sweep`) in this process, on a small model: the fast tier's part of the
+    kill -9 test below."""
+    sweep_dir = tmp_path / "sweep"
+    args = ("--workdir", sweep_dir, "--data-dir", tiny_data_dir, *SWEEP_ARGS, "--conv-features", "8,16",
+            "--dense-features", "32")
+    result = run_main_in_process(sweep.main, *args)
+    assert result.returncode == 0, result.stderr
+    assert "trial 1/2 (learning_rate=0.003) ->" in result.stdout and "trial 2/2 (learning_rate=0.01) ->" in result.stdout
+    assert [e["epoch"] for e in read_metrics(str(sweep_dir / "trial-001"))] == [1, 2]
+    assert_results_rank_the_trials_on_validation(sweep_dir, result.stdout)
+
+    # Run again: nothing to train; another grid in the same directory is refused.
+    again = run_main_in_process(sweep.main, *args)
+    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 2
+    other = run_main_in_process(sweep.main, *args[:4], "--grid", "learning_rate=0.003,0.03", *args[6:])
+    assert other.returncode == 2 and "holds another sweep (its grid, trials differ)" in other.stderr
+
+
+@pytest.mark.e2e
 def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tiny_data_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
     command = [sys.executable, "-m", "mnist_jax.sweep", "--workdir", str(sweep_dir), "--data-dir",
@@ -103,24 +145,7 @@ def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tiny
     assert {p: p.stat().st_mtime_ns for p in first_checkpoints} == first_checkpoints
     assert [e["epoch"] for e in read_metrics(str(sweep_dir / "trial-001"))] == [1, 2]
 
-    # results.csv: one row per trial, ranked on validation, values equal to each trial's own metrics.
-    with open(sweep_dir / "results.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [row["rank"] for row in rows] == ["1", "2"]
-    assert sorted(row["learning_rate"] for row in rows) == ["0.003", "0.01"]
-    assert float(rows[0]["validation_accuracy"]) >= float(rows[1]["validation_accuracy"])
-    for row in rows:
-        history = read_metrics(str(sweep_dir / row["trial"]))
-        best = max(history, key=lambda e: (e["validation_accuracy"], -e["epoch"]))
-        assert float(row["validation_accuracy"]) == best["validation_accuracy"]
-        assert float(row["test_accuracy"]) == best["test_accuracy"]
-        assert int(row["best_epoch"]) == best["epoch"] and row["epochs"] == "2/2"
-        saved = json.loads((sweep_dir / row["trial"] / "config.json").read_text())
-        assert saved["learning_rate"] == float(row["learning_rate"]) and saved["epochs"] == 2
-    markdown = (sweep_dir / "results.md").read_text().splitlines()
-    assert markdown[0].startswith("| rank | trial | learning_rate | validation_accuracy") and len(markdown) == 4
-    assert (sweep_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"best on validation: {rows[0]['trial']}" in result.stdout
+    assert_results_rank_the_trials_on_validation(sweep_dir, result.stdout)
 
     # Run again: nothing to train; another grid in the same directory is refused.
     again = run_module("mnist_jax.sweep", "--workdir", sweep_dir, "--data-dir", tiny_data_dir, *SWEEP_ARGS)

@@ -1,8 +1,9 @@
-"""The training command, run as a user runs it: `python -m mnist_jax.train` in a subprocess (its many bad-input
-cases call the same `main` in this process)."""
+"""The training command, run as a user runs it: `python -m mnist_jax.train` in a subprocess (e2e), and its `main`
+in this process (the fast tier; its many bad-input cases run only so)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,39 +17,15 @@ import pytest
 from mnist_jax.checkpoint import restore_model
 from mnist_jax.train import main as train_main
 
-from conftest import REPO, TINY_FLAGS, cli_env, run_main_in_process, run_module
-
-TIMING_FIELDS = {"train_images_per_second", "elapsed_seconds"}  # wall-clock facts, not results
-
-
-def train(workdir, data_dir, *flags):
-    return run_module("mnist_jax.train", "--workdir", workdir, "--data-dir", data_dir, *TINY_FLAGS, *flags)
+from helpers import (REPO, TINY_FLAGS, TINY_RUN_FLAGS, cli_env, corrupt, read_jsonl, results, run_main_in_process,
+                     run_module, snapshot)
 
 
-def read_jsonl(path):
-    with open(path) as handle:
-        return [json.loads(line) for line in handle]
-
-
-def results(history):
-    return [{k: v for k, v in entry.items() if k not in TIMING_FIELDS} for entry in history]
-
-
-def snapshot(workdir):
-    """Every file in a workdir with its bytes, to prove a failed command changed nothing."""
-    files = {}
-    for root, _, names in os.walk(workdir):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as handle:
-                files[os.path.relpath(path, workdir)] = handle.read()
-    return files
-
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_run):
-    """The shared tiny run (3 epochs, lr 0.003) and what its training command printed."""
-    return tiny_run, Path(f"{tiny_run}.stdout").read_text()
+@pytest.fixture
+def finished_run(way):
+    """The shared tiny run (3 epochs, lr 0.003) of this test's way, and what its training command printed."""
+    workdir = way.fixture("tiny_run")
+    return workdir, Path(f"{workdir}.stdout").read_text()
 
 
 def test_end_to_end_run_writes_every_file(finished_run):
@@ -70,10 +47,12 @@ def test_end_to_end_run_writes_every_file(finished_run):
     assert not [name for name in os.listdir(workdir) if name.startswith(".tmp")]  # atomic writes left no debris
 
 
-def test_rerun_of_a_finished_run_changes_nothing(finished_run, tiny_data_dir):
-    workdir, _ = finished_run
+def test_rerun_of_a_finished_run_changes_nothing(way, finished_run, tiny_data_dir, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(finished_run[0], workdir)  # a copy: other tests read the shared run meanwhile
     before = snapshot(workdir)
-    result = train(workdir, tiny_data_dir, "--epochs", "3", "--learning-rate", "0.003")
+    result = way.run("mnist_jax.train", "--workdir", workdir, "--data-dir", tiny_data_dir, *TINY_FLAGS,
+                     *TINY_RUN_FLAGS)
     assert result.returncode == 0, result.stderr
     assert "run complete" in result.stdout
     assert snapshot(workdir) == before
@@ -90,12 +69,11 @@ def test_restored_model_reproduces_the_logged_test_accuracy(finished_run, tiny_d
     assert np.mean(predictions == labels) == pytest.approx(logged, abs=1e-9)
 
 
+@pytest.mark.e2e
 def test_final_tta_reports_what_evaluate_tta_computes(strong_tiny_run, tiny_data_dir, tmp_path):
     """final_tta (on in `strong`): the last epoch's entry and train's final line carry the test-time-augmented
     figures, equal to `evaluate --tta` of the same checkpoint (itself checked against numpy and scipy in
     test_evaluate.py)."""
-    import shutil
-
     workdir = tmp_path / "w"
     shutil.copytree(strong_tiny_run, workdir)  # evaluate writes into the workdir; other tests share the run
     stdout = Path(f"{strong_tiny_run}.stdout").read_text()
@@ -116,12 +94,13 @@ def test_final_tta_reports_what_evaluate_tta_computes(strong_tiny_run, tiny_data
             "augmentation") in stdout
 
 
-def test_killed_and_resumed_run_equals_the_uninterrupted_one(finished_run, tiny_data_dir, tmp_path):
+@pytest.mark.e2e
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(tiny_run, tiny_data_dir, tmp_path):
     """kill -9 at two different moments, restart each time: same parameters bitwise, same metrics."""
-    reference_dir, _ = finished_run
+    reference_dir = tiny_run
     workdir = tmp_path / "w"
     command = [sys.executable, "-m", "mnist_jax.train", "--workdir", str(workdir), "--data-dir", str(tiny_data_dir),
-               *TINY_FLAGS, "--epochs", "3", "--learning-rate", "0.003"]
+               *TINY_FLAGS, *TINY_RUN_FLAGS]
     for lines_before_kill, extra_delay in ((1, 0.0), (2, 0.4)):
         process = subprocess.Popen(command, env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
@@ -167,8 +146,9 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=["_".join(f) for f, _ in BAD_FLAGS])
-def test_bad_input_is_one_line_exit_2_and_leaves_the_workdir_alone(finished_run, tiny_data_dir, flags, message):
-    workdir, _ = finished_run
+def test_bad_input_is_one_line_exit_2_and_leaves_the_workdir_alone(tiny_run_in_process, tiny_data_dir, flags,
+                                                                   message):
+    workdir = tiny_run_in_process
     before = snapshot(workdir)
     # Against a fresh workdir (nothing may be created) and the finished one (nothing may change). In this process:
     # the same main and error contract as the command, without 30 start-ups of TensorFlow and JAX.
@@ -184,42 +164,39 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_workdir_alone(finished_run,
     assert snapshot(workdir) == before
 
 
-def test_missing_data_offline_names_data_dir(tmp_path):
-    result = run_module("mnist_jax.train", "--workdir", tmp_path / "w", "--data-dir", tmp_path / "empty")
+def test_missing_data_offline_names_data_dir(way, tmp_path):
+    result = way.run("mnist_jax.train", "--workdir", tmp_path / "w", "--data-dir", tmp_path / "empty")
     assert result.returncode == 2
     assert "--data-dir" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "w").exists()
 
 
-def test_resuming_with_another_architecture_or_dataset_is_refused(finished_run, tiny_data_dir):
+def test_resuming_with_another_architecture_or_dataset_is_refused(way, finished_run, tiny_data_dir):
     workdir, _ = finished_run
     before = snapshot(workdir)
     for flags, field in ((("--conv-features", "16,32"), "conv_features"), (("--dataset", "mnist"), "dataset"),
                          (("--learning-rate", "0.1"), "learning_rate")):
-        result = run_module("mnist_jax.train", "--workdir", workdir, "--data-dir", tiny_data_dir, *flags)
+        result = way.run("mnist_jax.train", "--workdir", workdir, "--data-dir", tiny_data_dir, *flags)
         assert result.returncode == 2 and field in result.stderr and "new --workdir" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert snapshot(workdir) == before
 
 
-def test_corrupt_latest_checkpoint_falls_back_and_finishes_identically(finished_run, tiny_data_dir, tmp_path):
-    import shutil
-
-    from test_checkpoint import corrupt
-
+def test_corrupt_latest_checkpoint_falls_back_and_finishes_identically(way, finished_run, tiny_data_dir, tmp_path):
     reference_dir, _ = finished_run
     workdir = tmp_path / "w"
     shutil.copytree(reference_dir, workdir)
     corrupt(workdir / "checkpoints" / "60")
-    result = train(workdir, tiny_data_dir, "--epochs", "3", "--learning-rate", "0.003")
+    result = way.run("mnist_jax.train", "--workdir", workdir, "--data-dir", tiny_data_dir, *TINY_FLAGS,
+                     *TINY_RUN_FLAGS)
     assert result.returncode == 0, result.stderr
     assert "checkpoint 60 is unreadable" in result.stderr and "resumed from" in result.stdout
     assert os.listdir(workdir / "checkpoints-corrupt")  # kept for inspection, not deleted
     assert results(read_jsonl(workdir / "metrics.jsonl")) == results(read_jsonl(reference_dir / "metrics.jsonl"))
 
 
-def test_help_lists_every_hyperparameter():
-    result = run_module("mnist_jax.train", "--help")
+def test_help_lists_every_hyperparameter(way):
+    result = way.run("mnist_jax.train", "--help")
     assert result.returncode == 0
     for flag in ("--workdir", "--dataset", "--data-dir", "--epochs", "--batch-size", "--learning-rate",
                  "--optimizer", "--schedule", "--seed", "--devices"):

@@ -18,32 +18,43 @@ from mnist_jax.config import ARCHITECTURE_FIELDS, PRESETS, Config, UserError, va
 from mnist_jax.evaluate import evaluate
 from mnist_jax.predict import predict_files
 
-from conftest import REPO, TINY, TINY_FLAGS, cli_env, make_tiny_images, run_module
-from test_train_cli import read_jsonl, results, snapshot
+from helpers import (REPO, TINY, TINY_FLAGS, cli_env, make_tiny_images, read_jsonl, results, snapshot, train_run,
+                     trained_once)
 
 FIVE_FLAGS = ("--dataset", "tiny_five", "--epochs", "3", "--train-examples", "160", "--freeze", "features")
 
 
+def transfer_args(source, data_dir, *flags):
+    """The transfer command's arguments after `--workdir DIR`."""
+    return ["--from", str(source), "--data-dir", str(data_dir), *TINY_FLAGS, *FIVE_FLAGS, *flags]
+
+
 def transfer_command(source, workdir, data_dir, *flags):
-    return [sys.executable, "-m", "mnist_jax.transfer", "--from", str(source), "--workdir", str(workdir),
-            "--data-dir", str(data_dir), *TINY_FLAGS, *FIVE_FLAGS, *flags]
+    return [sys.executable, "-m", "mnist_jax.transfer", "--workdir", str(workdir),
+            *transfer_args(source, data_dir, *flags)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def frozen_run(tiny_run, tiny_variants_dir, tmp_path_factory):
     """tiny_digits (10 classes) -> tiny_five (5 classes) on 160 examples, conv features frozen, 3 epochs."""
-    workdir = tmp_path_factory.mktemp("transfer") / "frozen"
-    result = subprocess.run(transfer_command(tiny_run, workdir, tiny_variants_dir), env=cli_env(), cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return workdir
+    return trained_once(tmp_path_factory, "frozen-transfer-run", *transfer_args(tiny_run, tiny_variants_dir),
+                        module="mnist_jax.transfer")
+
+
+@pytest.fixture(scope="session")
+def frozen_run_in_process(tiny_run_in_process, tiny_variants_dir, tmp_path_factory):
+    """frozen_run, from tiny_run_in_process by the transfer command's main in a test process."""
+    return trained_once(tmp_path_factory, "frozen-transfer-run-in-process",
+                        *transfer_args(tiny_run_in_process, tiny_variants_dir), module="mnist_jax.transfer",
+                        in_process=True)
 
 
 def leaves(tree):
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def test_frozen_features_are_bit_identical_and_the_head_is_new(frozen_run, tiny_run):
+def test_frozen_features_are_bit_identical_and_the_head_is_new(way):
+    frozen_run, tiny_run = way.fixture("frozen_run"), way.fixture("tiny_run")
     source, trained = restore_model(str(tiny_run), "best"), restore_model(str(frozen_run), "latest")
     assert trained.step == 15  # 160 examples / batch 32 = 5 steps, 3 epochs
     src, new = source.variables["params"], trained.variables["params"]
@@ -62,7 +73,8 @@ def test_frozen_features_are_bit_identical_and_the_head_is_new(frozen_run, tiny_
     assert (frozen_run / "curves.png").exists()
 
 
-def test_evaluate_and_predict_work_on_a_transfer_run(frozen_run, tiny_variants_dir, tmp_path):
+def test_evaluate_and_predict_work_on_a_transfer_run(frozen_run_in_process, tiny_variants_dir, tmp_path):
+    frozen_run = frozen_run_in_process
     report = evaluate(str(frozen_run), checkpoint="latest", data_dir=str(tiny_variants_dir),
                       out_dir=str(tmp_path / "eval"))
     assert report["accuracy"] == pytest.approx(read_jsonl(frozen_run / "metrics.jsonl")[-1]["test_accuracy"])
@@ -73,6 +85,7 @@ def test_evaluate_and_predict_work_on_a_transfer_run(frozen_run, tiny_variants_d
     assert len(result["probabilities"]) == 5
 
 
+@pytest.mark.e2e
 def test_killed_transfer_run_resumes_exactly_without_its_source(frozen_run, tiny_run, tiny_variants_dir, tmp_path):
     """kill -9 after the first epoch, delete the source, run the same command: same params and metrics."""
     source = tmp_path / "source"
@@ -100,15 +113,13 @@ def test_killed_transfer_run_resumes_exactly_without_its_source(frozen_run, tiny
         np.testing.assert_array_equal(leaves(resumed.variables)[name], value, err_msg=name)
 
 
-def test_full_fine_tune_keeps_the_head_when_classes_agree_and_moves_every_layer(tiny_run, tiny_data_dir, tmp_path):
-    from mnist_jax.train import RunOptions, train_and_evaluate
-
+def test_full_fine_tune_keeps_the_head_when_classes_agree_and_moves_every_layer(tiny_run_in_process, tiny_data_dir,
+                                                                             tmp_path):
+    tiny_run = tiny_run_in_process
     requested = Config(dataset=TINY, batch_size=32, eval_batch_size=100, epochs=1, train_examples=64, seed=3)
     config = transfer.plan(str(tmp_path / "w"), str(tiny_run), requested, set(), str(tiny_data_dir))
     assert config.freeze == "none" and config.transfer_from == str(tiny_run)
-    options = RunOptions(workdir=str(tmp_path / "w"), data_dir=str(tiny_data_dir), progress=False, plots=False,
-                         init_params=transfer.initializer(str(tiny_run)))
-    train_and_evaluate(config, options)
+    train_run(config, tmp_path / "w", tiny_data_dir, devices=None, init_params=transfer.initializer(str(tiny_run)))
     source, trained = restore_model(str(tiny_run), "best"), restore_model(str(tmp_path / "w"), "latest")
     src, new = leaves(source.variables["params"]), leaves(trained.variables["params"])
     assert src.keys() == new.keys()
@@ -170,7 +181,8 @@ def bad_case(case, tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_bad_input_is_a_user_error_and_creates_nothing(case, tiny_run, tiny_variants_dir, tmp_path):
+def test_bad_input_is_a_user_error_and_creates_nothing(case, tiny_run_in_process, tiny_variants_dir, tmp_path):
+    tiny_run = tiny_run_in_process
     source, flags = bad_case(case, tiny_run, tmp_path)
     before = snapshot(tiny_run)
     with pytest.raises(UserError, match=BAD_CASES[case]):
@@ -180,11 +192,12 @@ def test_bad_input_is_a_user_error_and_creates_nothing(case, tiny_run, tiny_vari
     assert snapshot(tiny_run) == before
 
 
-def test_bad_input_on_the_command_line_is_one_line_and_exit_2(tiny_run, tiny_variants_dir, tmp_path):
+def test_bad_input_on_the_command_line_is_one_line_and_exit_2(way, tiny_variants_dir, tmp_path):
+    tiny_run = way.fixture("tiny_run")
     for flags, expected in ((("--dataset", "tiny_rgb"), BAD_CASES["channels"]),
                             (("--freeze", "everything"), "invalid choice")):
-        result = run_module("mnist_jax.transfer", "--from", tiny_run, "--workdir", tmp_path / "w", "--data-dir",
-                            tiny_variants_dir, "--no-progress", *flags)
+        result = way.run("mnist_jax.transfer", "--from", tiny_run, "--workdir", tmp_path / "w", "--data-dir",
+                         tiny_variants_dir, "--no-progress", *flags)
         assert result.returncode == 2, result.stderr
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "Traceback" not in result.stderr

@@ -7,9 +7,8 @@ import pytest
 
 from mnist_jax import checkpoint, data
 from mnist_jax.config import Config, UserError
-from mnist_jax.train import RunOptions, train_and_evaluate
 
-from conftest import TINY, run_module
+from helpers import TINY, train_run
 
 
 def test_validation_slice_is_the_disjoint_stable_tail_of_train(tiny_data_dir):
@@ -27,10 +26,10 @@ def test_validation_slice_is_the_disjoint_stable_tail_of_train(tiny_data_dir):
     assert data.load_dataset(TINY, str(tiny_data_dir)).validation is None
 
 
-def test_bad_validation_fractions(tmp_path):
+def test_bad_validation_fractions(way, tmp_path):
     with pytest.raises(UserError, match="leaves no validation"):
         data.validation_slice(10, 0.01)
-    result = run_module("mnist_jax.train", "--workdir", tmp_path / "w", "--validation-fraction", "1.5")
+    result = way.run("mnist_jax.train", "--workdir", tmp_path / "w", "--validation-fraction", "1.5")
     assert result.returncode == 2 and "--validation-fraction must be in [0, 1)" in result.stderr
     assert not (tmp_path / "w").exists()
 
@@ -38,8 +37,7 @@ def test_bad_validation_fractions(tmp_path):
 def test_metrics_carry_validation_and_best_is_chosen_on_it(tiny_data_dir, tmp_path):
     config = Config(dataset=TINY, batch_size=32, eval_batch_size=100, epochs=3, learning_rate=0.003,
                     validation_fraction=0.25)
-    history = train_and_evaluate(config, RunOptions(workdir=str(tmp_path), data_dir=str(tiny_data_dir),
-                                                    devices=1, progress=False, plots=False))
+    history = train_run(config, tmp_path, tiny_data_dir)
     assert [h["step"] for h in history] == [15, 30, 45]  # 480 training examples / 32
     for entry in history:
         assert 0 <= entry["validation_accuracy"] <= 1 and entry["validation_loss"] > 0

@@ -1,0 +1,440 @@
+"""What the tests share: paths, the tiny synthetic dataset, the ways to run the tools (in this process, or as a user
+runs them in a subprocess), and small builders of states, batches, checkpoints and HTTP servers.
+
+Test files import from here (`from helpers import ...`: pytest puts tests/ on sys.path); conftest.py holds only
+pytest's hooks and fixtures. Heavy libraries (JAX, TensorFlow) are imported inside the functions, so pytest's
+controller process never loads them.
+
+Library APIs that several test files use are reached through this module, so a change of one is adapted here:
+- the jitted training step (`steps.train_step`): `train_step(config)`, `non_donating_train_step(config)`; the
+  states it takes: `new_state`, `trained_state`, `optimizer`;
+- the training loop (`train.train_and_evaluate`, `train.RunOptions`): `train_run`, `train_in_process`.
+Outside it: test_parallel.py's two-device script calls `steps.train_step` in its subprocess, test_hostmem.py tests
+`mnist_jax.hostmem`, and test_model.py and test_transfer.py spell the layer names (Conv_0, ..., Dense_1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import importlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "tensorflow_datasets"
+TINY = "tiny_digits"  # The synthetic dataset's tfds name.
+XLA_CACHE_VARIABLE = "MNIST_JAX_TESTS_XLA_CACHE"  # the session's compilation cache, for the CLIs tests start
+
+# Small, fast settings for CLI runs on tiny_digits.
+TINY_FLAGS = ("--dataset", TINY, "--batch-size", "32", "--eval-batch-size", "100", "--no-progress")
+TINY_RUN_FLAGS = ("--epochs", "3", "--learning-rate", "0.003")  # tiny_run (3 epochs of 20 steps)
+STRONG_TINY_FLAGS = ("--epochs", "3", "--warmup-epochs", "0.5", "--validation-fraction", "0.25")  # strong_tiny_run
+SMALL_MODEL = {"conv_features": (8, 16), "dense_features": (32,)}  # for tests that do not depend on the architecture
+TIMING_FIELDS = {"train_images_per_second", "elapsed_seconds"}  # wall-clock facts of a history, not results
+
+# How a test runs a tool: `main` called in this process (the fast tier), or `python -m` in a subprocess (e2e).
+IN_PROCESS, SUBPROCESS = "in_process", "subprocess"
+
+
+# --------------------------------------------------------------------------------------------- data
+def make_tiny_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """28x28 uint8 images where class k is a bright 5x5 block at its own place on a noisy background."""
+    images = rng.integers(0, 60, size=(len(labels), 28, 28, 1), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        row = 3 + (label // 5) * 13 + rng.integers(-1, 2)
+        col = 1 + (label % 5) * 5 + rng.integers(0, 2)
+        images[i, row : row + 5, col : col + 5, 0] = 255
+    return images
+
+
+def numpy_softmax(logits) -> np.ndarray:
+    """Softmax in float64 numpy: the independent side of tests that check jitted probabilities."""
+    logits = np.asarray(logits, np.float64)
+    exp = np.exp(logits - logits.max(-1, keepdims=True))
+    return exp / exp.sum(-1, keepdims=True)
+
+
+def write_tiny_dataset(data_dir: Path, train: int = 640, test: int = 200, seed: int = 0, name: str = TINY,
+                       num_classes: int = 10, channels: int = 1) -> Path:
+    """Writes `tiny_digits` (or a variant: fewer classes, more channels) into data_dir with tfds's writer, so
+    tests read it through the real loader. (Not `tfds.testing.mock_data`: `tfds.load(..., batch_size=-1)` under
+    it aborts the process.)"""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    rng = np.random.default_rng(seed)
+
+    def split(n: int):
+        labels = np.arange(n) % num_classes
+        rng.shuffle(labels)
+        images = np.repeat(make_tiny_images(labels, rng), channels, axis=-1)
+        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+
+    features = tfds.features.FeaturesDict(
+        {"image": tfds.features.Image(shape=(28, 28, channels)),
+         "label": tfds.features.ClassLabel(num_classes=num_classes)}
+    )
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name=name, version="1.0.0", features=features, data_dir=str(data_dir),
+        split_datasets={"train": split(train), "test": split(test)}, disable_shuffling=True,
+    )
+    return data_dir
+
+
+# --------------------------------------------------------------------------------------------- session-wide builds
+def shared_path(tmp_path_factory, name: str) -> Path:
+    """A path every pytest-xdist worker of this session sees, so expensive fixtures are built once."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    return root / name
+
+
+@contextlib.contextmanager
+def built_once(path: Path):
+    """Holds an exclusive lock while a worker builds `path`; the others wait, then reuse it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield not (path / ".done").exists()
+        path.mkdir(parents=True, exist_ok=True)
+        (path / ".done").touch()
+
+
+def trained_once(tmp_path_factory, name: str, *train_args, timeout: float = 300, in_process: bool = False,
+                 module: str = "mnist_jax.train") -> Path:
+    """A workdir trained once per test session by the training command (or `module`: transfer), its stdout kept
+    beside it: by `python -m mnist_jax.train` in a subprocess, or with `in_process`, by the same `main` in this
+    process."""
+    path = shared_path(tmp_path_factory, name)
+    with built_once(path) as needed:
+        if needed:
+            result = run_tool(IN_PROCESS if in_process else SUBPROCESS, module, "--workdir", path, *train_args,
+                              timeout=timeout)
+            assert result.returncode == 0, result.stderr
+            Path(f"{path}.stdout").write_text(result.stdout)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- running the tools
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["MNIST_JAX_OFFLINE"] = "1"  # Never wait on a network in tests.
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if XLA_CACHE_VARIABLE in env and "JAX_COMPILATION_CACHE_DIR" not in env:
+        env.update({
+            "JAX_COMPILATION_CACHE_DIR": env[XLA_CACHE_VARIABLE],
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # small programs too
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+            # A size limit makes JAX lock the cache (filelock) around each read and write, so no process reads an
+            # entry that another is still writing.
+            "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
+        })
+    return env
+
+
+def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs `python -m module args...` as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=REPO,
+    )
+
+
+def run_main_in_process(main, *args: str) -> subprocess.CompletedProcess:
+    """Runs a tool's `main` under the command-line error contract (`cli.run_cli`) in this process, and returns
+    what `run_module` would: exit code, stdout, stderr. For the fast tier and error paths, where a fresh process
+    would spend seconds importing TensorFlow and JAX; subprocess tests (e2e) hold the contract end to end."""
+    import jax
+
+    from mnist_jax.cli import run_cli
+
+    jax.devices()  # The backend is up before the tool runs, so it cannot change this process's device count.
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (mock.patch.dict(os.environ, MNIST_JAX_OFFLINE="1"),  # as in cli_env: never wait on a network in tests
+          contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr),
+          pytest.raises(SystemExit) as exit_status):  # run_cli always ends in sys.exit
+        run_cli(main, [str(arg) for arg in args])
+    return subprocess.CompletedProcess(list(args), exit_status.value.code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_tool(way: str, module: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m module args...` run one of two ways: IN_PROCESS (`module.main` through `run_main_in_process`)
+    or SUBPROCESS (`run_module`). Both return the exit code, stdout and stderr."""
+    if way == SUBPROCESS:
+        return run_module(module, *args, timeout=timeout)
+    assert way == IN_PROCESS, way
+    return run_main_in_process(importlib.import_module(module).main, *args)
+
+
+class Way:
+    """How a test runs the tools: IN_PROCESS (each tool's main in this process, on the `*_in_process` runs) or
+    SUBPROCESS (`python -m`, on the runs the CLI trained)."""
+
+    def __init__(self, name: str, request) -> None:
+        self.name, self._request = name, request
+
+    @property
+    def in_process(self) -> bool:
+        return self.name == IN_PROCESS
+
+    def run(self, module: str, *args, timeout: float = 300):
+        """`python -m module args...`, this way: a CompletedProcess with the exit code, stdout and stderr."""
+        return run_tool(self.name, module, *args, timeout=timeout)
+
+    def fixture(self, name: str):
+        """The session fixture `name` (a run the CLI trained) or, in process, its twin `name_in_process`."""
+        return self._request.getfixturevalue(f"{name}_in_process" if self.in_process else name)
+
+
+# --------------------------------------------------------------------------------------------- the training loop
+def train_run(config, workdir: Path, data_dir: Path, **options) -> list[dict[str, Any]]:
+    """`train.train_and_evaluate` of `config` in `workdir` on one device, without progress bars or plots unless
+    `options` (more `train.RunOptions` fields) say otherwise; returns the metrics history."""
+    from mnist_jax.train import RunOptions, train_and_evaluate
+
+    options = {"devices": 1, "progress": False, "plots": False, **options}
+    return train_and_evaluate(config, RunOptions(workdir=str(workdir), data_dir=str(data_dir), **options))
+
+
+def train_in_process(config, data_dir: Path, workdir: Path, stopped_after_epoch_1_of: Path | None = None):
+    """Trains `config` (two 20-step epochs of tiny_digits) in this process on one device and returns its history
+    without the timing fields and its latest variables as numpy arrays. With `stopped_after_epoch_1_of`, the
+    workdir starts as a copy of that finished run without epoch 2's checkpoint (step 40), as if killed there."""
+    import shutil
+
+    import jax
+
+    from mnist_jax.checkpoint import restore_model
+
+    if stopped_after_epoch_1_of is not None:
+        shutil.copytree(stopped_after_epoch_1_of, workdir)
+        shutil.rmtree(workdir / "checkpoints" / "40")
+    history = train_run(config, workdir, data_dir)
+    leaves = jax.tree_util.tree_leaves(restore_model(str(workdir), "latest").variables)
+    return results(history), [np.asarray(leaf) for leaf in leaves]
+
+
+# --------------------------------------------------------------------------------------------- workdirs
+def read_jsonl(path) -> list[dict[str, Any]]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def results(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A metrics history without its wall-clock fields: what two equal runs share."""
+    return [{k: v for k, v in entry.items() if k not in TIMING_FIELDS} for entry in history]
+
+
+def snapshot(workdir) -> dict[str, bytes]:
+    """Every file in a workdir with its bytes, to prove a failed command changed nothing."""
+    files = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                files[os.path.relpath(path, workdir)] = handle.read()
+    return files
+
+
+# --------------------------------------------------------------------------------------------- steps and states
+def fixed_batch(n=32, seed=0):
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    return {"image": jnp.asarray(make_tiny_images(labels, rng)), "label": jnp.asarray(labels, jnp.int32)}
+
+
+def train_step(config=None):
+    """The jitted (donating) training step for states of `config` (today one function serves every config)."""
+    from mnist_jax import steps
+
+    return steps.train_step
+
+
+def non_donating_train_step(config=None):
+    """`train_step`, jitted without donating its input state, for tests that keep every state."""
+    import jax
+
+    from mnist_jax import steps
+
+    return jax.jit(steps._train_step)
+
+
+@functools.cache
+def optimizer(config, steps_per_epoch):
+    """`optim.make_optimizer`, one object per (config, steps_per_epoch): the jitted step is cached per optimizer
+    object (a static field of the state), so states of one config share its compiled step."""
+    from mnist_jax.optim import make_optimizer
+
+    return make_optimizer(config, steps_per_epoch)
+
+
+def new_state(config=None, steps_per_epoch=10, seed=0):
+    """A fresh training state of `config` (default: Config()) for 10 classes, mean 0.2, std 0.3."""
+    import jax
+
+    from mnist_jax import steps
+    from mnist_jax.config import Config
+    from mnist_jax.model import build_model
+
+    config = Config() if config is None else config
+    model = build_model(config, 10, 0.2, 0.3)
+    return steps.create_train_state(model, optimizer(config, steps_per_epoch), jax.random.PRNGKey(seed),
+                                    (28, 28, 1), config.ema_decay, config.label_smoothing)
+
+
+def trained_state(config=None, n_steps=2):
+    """`new_state(config)` (without its moving average and label smoothing) after `n_steps` steps on fixed_batch()."""
+    import jax
+
+    from mnist_jax import steps
+    from mnist_jax.config import Config
+    from mnist_jax.model import build_model
+
+    config = Config() if config is None else config
+    model = build_model(config, 10, 0.2, 0.3)
+    state = steps.create_train_state(model, optimizer(config, 10), jax.random.PRNGKey(0), (28, 28, 1))
+    step = train_step(config)
+    for _ in range(n_steps):
+        state, _ = step(state, fixed_batch())
+    return state
+
+
+def copy(tree):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def assert_trees_equal(a, b):
+    import jax
+
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def meta(config, epoch, accuracy):
+    """A checkpoint's metadata for epoch `epoch` whose validation accuracies were `accuracy[:epoch]`.
+    Epoch e ends at step e + 1 in these tests (one step before the first save, then one per epoch)."""
+    history = [{"epoch": e, "step": e + 1, "validation_accuracy": accuracy[e - 1], "test_accuracy": 1 - accuracy[e - 1]}
+               for e in range(1, epoch + 1)]
+    return {"config": config.__dict__ | {"conv_features": list(config.conv_features),
+                                         "dense_features": list(config.dense_features)},
+            "class_names": [str(i) for i in range(10)], "image_shape": [28, 28, 1],
+            "mean": 0.2, "std": 0.3, "epoch": epoch, "history": history}
+
+
+def save_epochs(workdir, config, accuracies):
+    """One checkpoint per epoch (one step each) with these validation accuracies; returns the last state and
+    each saved step's params as numpy."""
+    import jax
+
+    from mnist_jax import checkpoint
+
+    manager = checkpoint.open_manager(str(workdir), keep=2)
+    state = trained_state(config, 1)
+    step = train_step(config)
+    saved = {}
+    for epoch in range(1, len(accuracies) + 1):
+        state, _ = step(state, fixed_batch())
+        checkpoint.save(manager, state, meta(config, epoch, accuracies))
+        saved[int(state.step)] = jax.tree_util.tree_map(np.asarray, state.params)
+    manager.close()
+    return state, saved
+
+
+def corrupt(step_dir):
+    """Truncates every data file of a checkpoint, as a disk fault or a bad copy would."""
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as handle:
+                handle.truncate(0)
+
+
+# --------------------------------------------------------------------------------------------- serving
+READY = re.compile(r"serving \S+ checkpoint (\d+) at (http://\S+)")
+
+
+class ServerProcess:
+    """`python -m mnist_jax.serve --port 0 ...` started, waited for (its ready line gives the URL), and stopped."""
+
+    def __init__(self, workdir: Path, *args: str, log_dir: Path, timeout: float = 180) -> None:
+        self.stdout_path, self.stderr_path = log_dir / "serve.stdout", log_dir / "serve.stderr"
+        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mnist_jax.serve", "--workdir", str(workdir), "--port", "0", *args],
+                stdout=stdout, stderr=stderr, env=cli_env(), cwd=REPO,
+            )
+        deadline = time.monotonic() + timeout
+        while not (match := READY.search(self.stdout_path.read_text())):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"server did not become ready: {self.stderr_path.read_text()}")
+            time.sleep(0.1)
+        self.step, self.url = int(match.group(1)), match.group(2).rstrip("/")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+
+def digit_png(seed: int, size: int = 140, dark_on_light: bool = False) -> bytes:
+    """A random multi-stroke scribble, like a drawn digit, as PNG bytes."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    image = Image.new("L", (size, size), 255 if dark_on_light else 0)
+    points = [tuple(int(v) for v in rng.integers(size // 6, size - size // 6, 2)) for _ in range(4)]
+    ImageDraw.Draw(image).line(points, fill=0 if dark_on_light else 255, width=max(2, size // 14), joint="curve")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def refuse_python_subprocesses(nodeid: str) -> contextlib.AbstractContextManager:
+    """While active, starting `python ...` (a tool, `python -c`, a benchmark script) in a subprocess fails with an
+    AssertionError asking for the e2e marker: the fast tier stays in this process."""
+    original = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        program = args[0] if isinstance(args, (list, tuple)) and args else args
+        name = os.fspath(program).split(" ")[0] if isinstance(program, (str, os.PathLike)) else ""
+        if name == sys.executable or os.path.basename(name).startswith("python"):
+            raise AssertionError(f"{nodeid} starts Python ({name}) in a subprocess; mark it e2e "
+                                 "(pytest.mark.e2e), or call the tool's main in this process")
+        original(self, args, *rest, **kwargs)
+
+    return mock.patch.object(subprocess.Popen, "__init__", guarded)
+
