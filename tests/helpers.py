@@ -6,16 +6,17 @@ pytest's hooks and fixtures. Heavy libraries (JAX, TensorFlow) are imported insi
 controller process never loads them.
 
 Library APIs that several test files use are reached through this module, so a change of one is adapted here:
-- the jitted training step (`steps.train_step`): `train_step(config)`, `non_donating_train_step(config)`; the
+- the jitted training step (`steps.make_train_step`): `train_step(config)`, `non_donating_train_step(config)`; the
   states it takes: `new_state`, `trained_state`, `optimizer`;
-- the training loop (`train.train_and_evaluate`, `train.RunOptions`): `train_run`, `train_in_process`.
-Outside it: test_parallel.py's two-device script calls `steps.train_step` in its subprocess, test_hostmem.py tests
-`mnist_jax.hostmem`, and test_model.py and test_transfer.py spell the layer names (Conv_0, ..., Dense_1).
+- the training loop (`training.train_and_evaluate`, `config.RunOptions`): `train_run`, `train_in_process`.
+Outside it: test_parallel.py's two-device script makes its own step in its subprocess, and test_model.py,
+test_transfer.py and test_compatibility.py spell the layer names (conv1_1, ..., head; Conv_0, ... before the rename).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import importlib
@@ -205,9 +206,10 @@ class Way:
 
 # --------------------------------------------------------------------------------------------- the training loop
 def train_run(config, workdir: Path, data_dir: Path, **options) -> list[dict[str, Any]]:
-    """`train.train_and_evaluate` of `config` in `workdir` on one device, without progress bars or plots unless
-    `options` (more `train.RunOptions` fields) say otherwise; returns the metrics history."""
-    from mnist_jax.train import RunOptions, train_and_evaluate
+    """`training.train_and_evaluate` of `config` in `workdir` on one device, without progress bars or plots unless
+    `options` (more `config.RunOptions` fields) say otherwise; returns the metrics history."""
+    from mnist_jax.config import RunOptions
+    from mnist_jax.training import train_and_evaluate
 
     options = {"devices": 1, "progress": False, "plots": False, **options}
     return train_and_evaluate(config, RunOptions(workdir=str(workdir), data_dir=str(data_dir), **options))
@@ -262,20 +264,27 @@ def fixed_batch(n=32, seed=0):
     return {"image": jnp.asarray(make_tiny_images(labels, rng)), "label": jnp.asarray(labels, jnp.int32)}
 
 
+@functools.cache
 def train_step(config=None):
-    """The jitted (donating) training step for states of `config` (today one function serves every config)."""
+    """The jitted (donating) training step of `config` (default: Config()), as `train` makes it; one per config, so
+    the tests of a config share its compiled step."""
     from mnist_jax import steps
+    from mnist_jax.config import Config
 
-    return steps.train_step
+    return steps.make_train_step(Config() if config is None else config)
 
 
 def non_donating_train_step(config=None):
-    """`train_step`, jitted without donating its input state, for tests that keep every state."""
+    """`train_step(config)`, jitted without donating its input state, for tests that keep every state."""
     import jax
 
     from mnist_jax import steps
+    from mnist_jax.augment import training_augmentation
+    from mnist_jax.config import Config
 
-    return jax.jit(steps._train_step)
+    config = Config() if config is None else config
+    return jax.jit(functools.partial(steps.train_step, label_smoothing=config.label_smoothing,
+                                     ema_decay=config.ema_decay, augmentation=training_augmentation(config)))
 
 
 @functools.cache
@@ -298,7 +307,7 @@ def new_state(config=None, steps_per_epoch=10, seed=0):
     config = Config() if config is None else config
     model = build_model(config, 10, 0.2, 0.3)
     return steps.create_train_state(model, optimizer(config, steps_per_epoch), jax.random.PRNGKey(seed),
-                                    (28, 28, 1), config.ema_decay, config.label_smoothing)
+                                    (28, 28, 1), moving_average=config.ema_decay > 0)
 
 
 def trained_state(config=None, n_steps=2):
@@ -312,7 +321,7 @@ def trained_state(config=None, n_steps=2):
     config = Config() if config is None else config
     model = build_model(config, 10, 0.2, 0.3)
     state = steps.create_train_state(model, optimizer(config, 10), jax.random.PRNGKey(0), (28, 28, 1))
-    step = train_step(config)
+    step = train_step(dataclasses.replace(config, ema_decay=0.0, label_smoothing=0.0))
     for _ in range(n_steps):
         state, _ = step(state, fixed_batch())
     return state

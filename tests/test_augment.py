@@ -201,6 +201,7 @@ def assert_bad_augmentation_flags_are_refused(run, tmp_path):
     assert bad.returncode == 2 and "--augment-elastic-sigma must be > 0" in bad.stderr
 
 
+@pytest.mark.e2e  # a kill-and-resume test: the full suite runs it
 def test_clean_final_epochs_train_on_plain_images_and_resume_exactly(tiny_data_dir, tmp_path):
     """The last epoch of a clean_final_epochs=1 run equals that epoch trained by an un-augmented config from the
     same epoch-1 checkpoint, and resuming into the clean epoch reproduces the run bit for bit."""

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mnist_jax import steps
+from mnist_jax import backend
 
 from helpers import REPO, cli_env
 
@@ -29,9 +29,9 @@ def test_step_throughput_json_on_a_tiny_run():
         assert set(row) == FIELDS
         assert row["batch_size"] == 8 and row["dtype"] == "float32" and row["backend"] == "cpu"
         assert row["config"] == "default"
-        assert row["cpu_avx512"] == ("avx512f" in steps.cpu_flags() if steps.cpu_flags() else None)
-        assert row["cpu_vendor"] == steps.cpu_vendor()
-        assert row["ynn_fusions"] == steps.compiler_options("cpu")["xla_cpu_experimental_ynn_fusion_type"].replace(
+        assert row["cpu_avx512"] == ("avx512f" in backend.cpu_flags() if backend.cpu_flags() else None)
+        assert row["cpu_vendor"] == backend.cpu_vendor()
+        assert row["ynn_fusions"] == backend.compiler_options("cpu")["xla_cpu_experimental_ynn_fusion_type"].replace(
             "LIBRARY_FUSION_TYPE_", "")
         assert row["train_images_per_second"] > 0 and row["eval_images_per_second"] > 0
         assert row["compile_seconds"] >= 0
@@ -70,13 +70,13 @@ def test_fusion_choice_times_every_candidate_and_marks_what_train_compiles_with(
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["fusions"] for r in rows] == ["xla-defaults", "none", "dot,eltwise,reduce",
                                             "dot,eltwise,reduce,convolution"]
-    chosen = steps.compiler_options("cpu", batch_norm=False).get("xla_cpu_experimental_ynn_fusion_type", "")
+    chosen = backend.compiler_options("cpu", batch_norm=False).get("xla_cpu_experimental_ynn_fusion_type", "")
     assert [r["fusions"] for r in rows if r["chosen"]] == [
         chosen.replace("LIBRARY_FUSION_TYPE_", "").lower().replace("individual_", "") or "xla-defaults"]
     for row in rows:
         assert row["devices"] == 2 and row["batch_size"] == 8 and row["config"] == "default"
         assert 0 < row["slowest"] <= row["train_images_per_second"] <= row["fastest"]
-        assert row["cpu_vendor"] == steps.cpu_vendor()
+        assert row["cpu_vendor"] == backend.cpu_vendor()
 
 
 def test_fusion_choice_rejects_bad_arguments():

@@ -76,9 +76,3 @@ def test_eval_batches_cover_every_example_exactly_once():
     assert indices.shape == masks.shape == (11, 100)
     np.testing.assert_array_equal(np.sort(indices[masks]), np.arange(1003))
     assert masks.sum() == 1003
-
-
-def test_normalize_matches_an_independent_formula():
-    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    np.testing.assert_allclose(np.asarray(data.normalize(pixels, 0.13, 0.31)), (pixels / 255.0 - 0.13) / 0.31,
-                               rtol=1e-6, atol=1e-6)

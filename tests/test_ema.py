@@ -80,6 +80,7 @@ def test_checkpoint_keeps_the_average_and_inference_restores_it(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.e2e  # a kill-and-resume test: the full suite runs it
 def test_a_run_with_an_average_resumes_bit_for_bit(tiny_data_dir, tmp_path):
     config = Config(dataset=TINY, batch_size=32, eval_batch_size=100, epochs=2, batch_norm=True, ema_decay=0.95,
                     **SMALL_MODEL)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mnist_jax.config import Config
-from mnist_jax.model import CNN, BatchNorm, build_model, count_params
+from mnist_jax.model import CNN, BatchNorm, build_model, count_params, normalize
 
 
 def init(model, shape=(2, 28, 28, 1)):
@@ -44,10 +44,10 @@ def test_layer_structure_matches_flax_example():
     params = init_shapes(build_model(Config(), 10, 0.0, 1.0))["params"]
     shapes = {name: {k: v.shape for k, v in layer.items()} for name, layer in params.items()}
     assert shapes == {
-        "Conv_0": {"kernel": (3, 3, 1, 32), "bias": (32,)},
-        "Conv_1": {"kernel": (3, 3, 32, 64), "bias": (64,)},
-        "Dense_0": {"kernel": (3136, 256), "bias": (256,)},
-        "Dense_1": {"kernel": (256, 10), "bias": (10,)},
+        "conv1_1": {"kernel": (3, 3, 1, 32), "bias": (32,)},
+        "conv2_1": {"kernel": (3, 3, 32, 64), "bias": (64,)},
+        "dense1": {"kernel": (3136, 256), "bias": (256,)},
+        "head": {"kernel": (256, 10), "bias": (10,)},
     }
 
 
@@ -56,7 +56,8 @@ def test_configurable_depth_width_batch_norm_and_dropout():
     model = build_model(config, num_classes=7, mean=0.0, std=1.0)
     variables = jitted(model.init, train=False)(jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1), jnp.uint8))
     assert "batch_stats" in variables
-    assert len([k for k in variables["params"] if k.startswith("Conv")]) == 3
+    assert sorted(variables["params"]) == ["conv1_1", "conv1_1_bn", "conv2_1", "conv2_1_bn", "conv3_1", "conv3_1_bn",
+                                           "dense1", "dense1_bn", "dense2", "dense2_bn", "head"]
     images = jax.random.randint(jax.random.PRNGKey(1), (4, 28, 28, 1), 0, 256).astype(jnp.uint8)
     train_apply = jitted(model.apply, train=True, mutable=("batch_stats",))
     logits, _ = train_apply(variables, images, rngs={"dropout": jax.random.PRNGKey(2)})
@@ -76,11 +77,11 @@ def test_model_normalises_raw_pixels():
     variables = init(model)
     images = jnp.full((1, 28, 28, 1), 255, jnp.uint8)
     # (255/255 - 0.5) / 0.25 = 2: the first conv must see a constant image of 2.0.
-    conv = variables["params"]["Conv_0"]
+    conv = variables["params"]["conv1_1"]
     x = jnp.full((1, 28, 28, 1), 2.0)
     expected = jax.lax.conv_general_dilated(x, conv["kernel"], (1, 1), "SAME",
                                             dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv["bias"]
-    hidden = model.apply(variables, images, capture_intermediates=True)[1]["intermediates"]["Conv_0"]["__call__"][0]
+    hidden = model.apply(variables, images, capture_intermediates=True)[1]["intermediates"]["conv1_1"]["__call__"][0]
     assert jnp.allclose(hidden, expected, atol=1e-5)
 
 
@@ -88,7 +89,7 @@ def test_deskew_runs_inside_the_model_at_evaluation_and_after_training_augmentat
     """`--deskew true` equals the plain model applied to deskewed pixels, in evaluation and in a training step,
     where the slant is removed from the augmented image (so it also straightens what augmentation slanted)."""
     from mnist_jax import model as model_module
-    from mnist_jax.augment import deskew
+    from mnist_jax.augment import Augmentation, deskew
 
     plain = build_model(Config(), num_classes=10, mean=0.13, std=0.31)
     straight = build_model(Config(deskew=True), num_classes=10, mean=0.13, std=0.31)
@@ -100,8 +101,9 @@ def test_deskew_runs_inside_the_model_at_evaluation_and_after_training_augmentat
 
     # A fixed stand-in for the random warp (a 3-pixel roll) makes the order visible: deskew must come after it.
     monkeypatch.setattr(model_module, "random_warp", lambda key, x, limits: jnp.roll(x, 3, axis=2))
-    augmenting = build_model(Config(deskew=True, augment_shift=2.0), num_classes=10, mean=0.13, std=0.31)
-    trained = augmenting.apply(variables, images, train=True, rngs={"augment": jax.random.PRNGKey(3)})
+    shifting = Augmentation(shift=2.0)  # the train step hands its augmentation to the model
+    trained = straight.apply(variables, images, train=True, augmentation=shifting,
+                             rngs={"augment": jax.random.PRNGKey(3)})
     np.testing.assert_allclose(trained, plain.apply(variables, deskew(jnp.roll(images, 3, axis=2))), atol=1e-5)
 
 
@@ -115,8 +117,8 @@ def test_convs_per_block_stacks_convs_before_each_pooling():
     params = init_shapes(build_model(Config(conv_features=(8, 16), convs_per_block=2, dense_features=(32,)), 10, 0.0,
                                      1.0))
     shapes = {name: layer["kernel"].shape for name, layer in params["params"].items()}
-    assert shapes == {"Conv_0": (3, 3, 1, 8), "Conv_1": (3, 3, 8, 8), "Conv_2": (3, 3, 8, 16),
-                      "Conv_3": (3, 3, 16, 16), "Dense_0": (7 * 7 * 16, 32), "Dense_1": (32, 10)}
+    assert shapes == {"conv1_1": (3, 3, 1, 8), "conv1_2": (3, 3, 8, 8), "conv2_1": (3, 3, 8, 16),
+                      "conv2_2": (3, 3, 16, 16), "dense1": (7 * 7 * 16, 32), "head": (32, 10)}
 
 
 def test_max_pooling_keeps_each_window_maximum():
@@ -125,9 +127,9 @@ def test_max_pooling_keeps_each_window_maximum():
     variables = init(model)
     images = jax.random.randint(jax.random.PRNGKey(3), (2, 28, 28, 1), 0, 256).astype(jnp.uint8)
     _, captured = model.apply(variables, images, capture_intermediates=True)
-    conv = jax.nn.relu(captured["intermediates"]["Conv_0"]["__call__"][0])
+    conv = jax.nn.relu(captured["intermediates"]["conv1_1"]["__call__"][0])
     expected = conv.reshape(2, 14, 2, 14, 2, 4).max(axis=(2, 4)).reshape(2, -1)
-    head = variables["params"]["Dense_0"]
+    head = variables["params"]["head"]
     np.testing.assert_allclose(model.apply(variables, images), expected @ head["kernel"] + head["bias"], rtol=1e-5,
                                atol=1e-4)
 
@@ -164,3 +166,9 @@ def test_grouped_batch_norm_normalises_each_slice_with_its_own_statistics():
                                rtol=1e-5)
     np.testing.assert_allclose(updates["batch_stats"]["var"],
                                0.9 + 0.1 * np.mean([h.var((0, 1, 2)) for h in halves], 0), rtol=1e-5)
+
+
+def test_normalize_matches_an_independent_formula():
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    np.testing.assert_allclose(np.asarray(normalize(pixels, 0.13, 0.31)), (pixels / 255.0 - 0.13) / 0.31,
+                               rtol=1e-6, atol=1e-6)

@@ -44,8 +44,9 @@ def run(devices):
                                      jax.random.PRNGKey(0), (28, 28, 1))
     state = jax.device_put(state, sharding.replicated(mesh))
     b = jax.device_put(batch, sharding.batch_sharded(mesh))
+    step = steps.make_train_step(config)
     for _ in range(3):
-        state, metrics = steps.train_step(state, b)
+        state, metrics = step(state, b)
     assert len(b["image"].sharding.device_set) == devices
     return state, metrics
 one, m1 = run(1)

@@ -58,12 +58,12 @@ def test_frozen_features_are_bit_identical_and_the_head_is_new(way):
     source, trained = restore_model(str(tiny_run), "best"), restore_model(str(frozen_run), "latest")
     assert trained.step == 15  # 160 examples / batch 32 = 5 steps, 3 epochs
     src, new = source.variables["params"], trained.variables["params"]
-    for layer in ("Conv_0", "Conv_1"):
+    for layer in ("conv1_1", "conv2_1"):
         for name, value in leaves(src[layer]).items():
             np.testing.assert_array_equal(leaves(new[layer])[name], value, err_msg=f"{layer}{name} changed")
-    assert not np.array_equal(np.asarray(new["Dense_0"]["kernel"]), np.asarray(src["Dense_0"]["kernel"]))
-    assert new["Dense_1"]["kernel"].shape == (256, 5) and new["Dense_1"]["bias"].shape == (5,)
-    assert src["Dense_1"]["kernel"].shape == (256, 10)
+    assert not np.array_equal(np.asarray(new["dense1"]["kernel"]), np.asarray(src["dense1"]["kernel"]))
+    assert new["head"]["kernel"].shape == (256, 5) and new["head"]["bias"].shape == (5,)
+    assert src["head"]["kernel"].shape == (256, 10)
     config = json.loads((frozen_run / "config.json").read_text())
     assert config["transfer_from"] == str(tiny_run) and config["freeze"] == "features"
     assert config["train_examples"] == 160 and config["conv_features"] == [32, 64]
@@ -119,7 +119,8 @@ def test_full_fine_tune_keeps_the_head_when_classes_agree_and_moves_every_layer(
     requested = Config(dataset=TINY, batch_size=32, eval_batch_size=100, epochs=1, train_examples=64, seed=3)
     config = transfer.plan(str(tmp_path / "w"), str(tiny_run), requested, set(), str(tiny_data_dir))
     assert config.freeze == "none" and config.transfer_from == str(tiny_run)
-    train_run(config, tmp_path / "w", tiny_data_dir, devices=None, init_params=transfer.initializer(str(tiny_run)))
+    train_run(config, tmp_path / "w", tiny_data_dir, devices=None,
+              initial_state=transfer.initial_state_from(str(tiny_run)))
     source, trained = restore_model(str(tiny_run), "best"), restore_model(str(tmp_path / "w"), "latest")
     src, new = leaves(source.variables["params"]), leaves(trained.variables["params"])
     assert src.keys() == new.keys()

@@ -1,4 +1,5 @@
-"""The training tools' restart onto glibc's huge-page malloc: when it happens, what it sets, that it keeps the process."""
+"""The training tools' restart onto glibc's huge-page malloc (`backend.restart_with_huge_pages`): when it happens,
+what it sets, that it keeps the process."""
 
 import os
 import platform
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from mnist_jax.hostmem import OPT_OUT, THP_SETTING, huge_page_environment
+from mnist_jax.backend import HUGE_PAGES_OPT_OUT, THP_SETTING, huge_page_environment
 
 GLIBC = ("glibc", "2.36")
 MADVISE = "always [madvise] never\n"
@@ -28,7 +29,7 @@ def test_keeps_the_users_other_tunables():
 @pytest.mark.parametrize("environ, libc, thp", [
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, MADVISE),  # the user's own choice wins (and no loop)
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, GLIBC, MADVISE),  # already restarted
-    ({OPT_OUT: "0"}, GLIBC, MADVISE),                                 # opted out
+    ({HUGE_PAGES_OPT_OUT: "0"}, GLIBC, MADVISE),                                 # opted out
     ({}, ("glibc", "2.34"), MADVISE),                                 # glibc without the tunable
     ({}, ("", ""), MADVISE),                                          # musl, or a libc Python cannot name
     ({}, GLIBC, "always madvise [never]\n"),                          # huge pages disabled by the kernel
@@ -42,7 +43,7 @@ def test_restart_execs_the_same_command_with_the_tunable(monkeypatch, tmp_path):
     """`restart_with_huge_pages` in this process, its exec recorded instead of done: this interpreter, the original
     arguments, the environment `huge_page_environment` gives; nothing where it gives None. (The e2e test below
     execs for real.)"""
-    from mnist_jax import hostmem
+    from mnist_jax import backend
 
     class Exec(Exception):
         pass
@@ -52,22 +53,22 @@ def test_restart_execs_the_same_command_with_the_tunable(monkeypatch, tmp_path):
 
     thp = tmp_path / "enabled"
     thp.write_text(MADVISE)
-    monkeypatch.setattr(hostmem, "THP_SETTING", str(thp))
-    monkeypatch.setattr(hostmem.platform, "libc_ver", lambda: GLIBC)
-    monkeypatch.setattr(hostmem.sys, "platform", "linux")
-    monkeypatch.setattr(hostmem.os, "execve", execve)
+    monkeypatch.setattr(backend, "THP_SETTING", str(thp))
+    monkeypatch.setattr(backend.platform, "libc_ver", lambda: GLIBC)
+    monkeypatch.setattr(backend.sys, "platform", "linux")
+    monkeypatch.setattr(backend.os, "execve", execve)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    monkeypatch.delenv(OPT_OUT, raising=False)
+    monkeypatch.delenv(HUGE_PAGES_OPT_OUT, raising=False)
     with pytest.raises(Exec) as restart:
-        hostmem.restart_with_huge_pages()
+        backend.restart_with_huge_pages()
     path, argv, env = restart.value.args
     assert path == sys.executable and argv == sys.orig_argv
     assert env == {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    monkeypatch.setenv(OPT_OUT, "0")
-    hostmem.restart_with_huge_pages()  # returns: no exec
-    monkeypatch.delenv(OPT_OUT)
+    monkeypatch.setenv(HUGE_PAGES_OPT_OUT, "0")
+    backend.restart_with_huge_pages()  # returns: no exec
+    monkeypatch.delenv(HUGE_PAGES_OPT_OUT)
     thp.unlink()  # no transparent huge pages in this kernel
-    hostmem.restart_with_huge_pages()
+    backend.restart_with_huge_pages()
 
 
 def _machine_supports_it() -> bool:
@@ -76,16 +77,16 @@ def _machine_supports_it() -> bool:
             thp = f.read()
     except OSError:
         return False
-    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGES_OPT_OUT)}
     return sys.platform.startswith("linux") and huge_page_environment(clean, platform.libc_ver(), thp) is not None
 
 
-SCRIPT = ("import os; from mnist_jax.hostmem import restart_with_huge_pages; restart_with_huge_pages(); "
+SCRIPT = ("import os; from mnist_jax.backend import restart_with_huge_pages; restart_with_huge_pages(); "
           "print(os.getpid(), os.environ.get('GLIBC_TUNABLES', ''))")
 
 
 def _run(extra_env: dict[str, str]) -> tuple[int, str, int]:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)} | extra_env
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGES_OPT_OUT)} | extra_env
     process = subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, stdout=subprocess.PIPE, text=True)
     out, _ = process.communicate(timeout=60)
     pid, _, tunables = out.strip().partition(" ")
@@ -98,5 +99,5 @@ def test_restart_sets_the_tunable_in_the_same_process():
     pid, tunables, launched_pid = _run({})
     assert tunables == "glibc.malloc.hugetlb=1"
     assert pid == launched_pid  # exec, not a child: signals, kill -9 and exit codes reach the real process
-    pid, tunables, _ = _run({OPT_OUT: "0"})
+    pid, tunables, _ = _run({HUGE_PAGES_OPT_OUT: "0"})
     assert tunables == ""
