@@ -27,14 +27,13 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from mnist_jax import backend, sharding, steps
 from mnist_jax.cli import quiet_libraries
 from mnist_jax.config import PRESETS
 from mnist_jax.model import CNN, build_model
 from mnist_jax.optim import make_optimizer
+from fusion_choice import add_window_flags, alternating_speeds, random_batches, use_window_flags
 from step_throughput import MEAN, NUM_EXAMPLES, STD, synthetic_split
 
 
@@ -56,12 +55,8 @@ def measure(batch_size: int, steps_per_window: int, rounds: int) -> list[dict]:
     config = dataclasses.replace(PRESETS["strong"], batch_norm_groups=1, batch_size=batch_size)
     mesh = sharding.make_mesh(None, batch_size)
     replicated = sharding.replicated(mesh)
-    split = jax.device_put(synthetic_split(NUM_EXAMPLES), replicated)
-    take = jax.jit(steps.take_batch, out_shardings=sharding.batch_sharded(mesh))
-    rng = np.random.default_rng(0)
-    batches = [take(split, jnp.asarray(rng.integers(0, NUM_EXAMPLES, batch_size, dtype=np.int32)))
-               for _ in range(steps_per_window)]
-    settle = backend.settle(mesh)
+    batches = random_batches(jax.device_put(synthetic_split(NUM_EXAMPLES), replicated), mesh, batch_size,
+                             steps_per_window)
     compiled, states, compile_seconds = {}, {}, {}
     ours = build_model(config, 10, MEAN, STD)
     for name, module in VARIANTS.items():
@@ -73,23 +68,7 @@ def measure(batch_size: int, steps_per_window: int, rounds: int) -> list[dict]:
         start = time.perf_counter()
         compiled[name] = backend.compile_for_backend(steps.make_train_step(config), states[name], batches[0])
         compile_seconds[name] = time.perf_counter() - start
-
-    def window(name: str) -> float:
-        current = states[name]
-        start = time.perf_counter()
-        for batch in batches:
-            current, metrics = compiled[name](current, batch)
-            settle(metrics)
-        jax.block_until_ready(current)
-        states[name] = current
-        return steps_per_window * batch_size / (time.perf_counter() - start)
-
-    for name in VARIANTS:
-        window(name)  # warm-up
-    speeds = {name: [] for name in VARIANTS}
-    for _ in range(rounds):
-        for name in VARIANTS:
-            speeds[name].append(window(name))
+    speeds = alternating_speeds(compiled, states, batches, mesh, rounds)
     flags = backend.cpu_flags()
     return [{"batch_norm": name, "devices": mesh.devices.size, "batch_size": batch_size,
              "train_images_per_second": statistics.median(speeds[name]), "slowest": min(speeds[name]),
@@ -120,21 +99,9 @@ def format_table(rows: list[dict], markdown: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
-    parser.add_argument("--rounds", type=int, default=6, help="windows per variant, alternating (median reported)")
-    parser.add_argument("--cpu-devices", type=int, default=None,
-                        help="split the CPU into this many JAX devices (default: one per core, as train does)")
-    output = parser.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    output.add_argument("--markdown", action="store_true", help="a Markdown table (for docs/performance.md)")
+    add_window_flags(parser, rounds=6)
     args = parser.parse_args(argv)
-    if min(args.batch_size, args.steps, args.rounds) <= 0 or (args.cpu_devices is not None and args.cpu_devices <= 0):
-        parser.error("--batch-size, --steps, --rounds and --cpu-devices must be positive")
-    if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    else:
-        backend.use_every_cpu_core()  # as `python -m mnist_jax.train` does
+    use_window_flags(parser, args)
     rows = measure(args.batch_size, args.steps, args.rounds)
     print("\n".join(json.dumps(row) for row in rows) if args.json else format_table(rows, args.markdown))
     return 0

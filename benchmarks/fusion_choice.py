@@ -46,6 +46,63 @@ CANDIDATES = {
 }
 
 
+def random_batches(split, mesh, batch_size: int, count: int) -> list:
+    """`count` batches of random examples of `split`, gathered on the device and split over `mesh` as train does."""
+    take = jax.jit(steps.take_batch, out_shardings=sharding.batch_sharded(mesh))
+    rng = np.random.default_rng(0)
+    return [take(split, jnp.asarray(rng.integers(0, NUM_EXAMPLES, batch_size, dtype=np.int32)))
+            for _ in range(count)]
+
+
+def alternating_speeds(compiled: dict, states: dict, batches: list, mesh, rounds: int) -> dict[str, list[float]]:
+    """Train images/s of each compiled step in `rounds` windows over `batches`, taking turns window by window so a
+    shared machine's drift slows them all alike (after one warm-up window each). `states` holds each step's own
+    state, which it donates and gets back."""
+    settle = backend.settle(mesh)  # as train runs: several CPU devices must not queue collectives
+    batch_size = len(batches[0]["label"])
+
+    def window(name: str) -> float:
+        current = states[name]
+        start = time.perf_counter()
+        for batch in batches:
+            current, metrics = compiled[name](current, batch)
+            settle(metrics)
+        jax.block_until_ready(current)
+        states[name] = current
+        return len(batches) * batch_size / (time.perf_counter() - start)
+
+    for name in compiled:
+        window(name)  # warm-up
+    speeds = {name: [] for name in compiled}
+    for _ in range(rounds):
+        for name in compiled:
+            speeds[name].append(window(name))
+    return speeds
+
+
+def add_window_flags(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """The flags of a benchmark timed in alternating windows, and its output format."""
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    parser.add_argument("--rounds", type=int, default=rounds,
+                        help="windows per candidate, alternating (median reported)")
+    parser.add_argument("--cpu-devices", type=int, default=None,
+                        help="split the CPU into this many JAX devices (default: one per core, as train does)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    output.add_argument("--markdown", action="store_true", help="a Markdown table (for docs/performance.md)")
+
+
+def use_window_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks `add_window_flags`'s values and makes the devices they ask for (before any JAX computation)."""
+    if min(args.batch_size, args.steps, args.rounds) <= 0 or (args.cpu_devices is not None and args.cpu_devices <= 0):
+        parser.error("--batch-size, --steps, --rounds and --cpu-devices must be positive")
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    else:
+        backend.use_every_cpu_core()  # as `python -m mnist_jax.train` does
+
+
 def measure(preset: str, batch_size: int, steps_per_window: int, rounds: int) -> list[dict]:
     """Train images/s of every candidate: its median over `rounds` windows, and the slowest and fastest window."""
     config = PRESETS[preset]
@@ -57,33 +114,14 @@ def measure(preset: str, batch_size: int, steps_per_window: int, rounds: int) ->
     state = jax.device_put(state, replicated)
     train_step = steps.make_train_step(config)  # the step train runs: the preset's augmentation and recipe
     split = jax.device_put(synthetic_split(NUM_EXAMPLES), replicated)
-    take = jax.jit(steps.take_batch, out_shardings=sharding.batch_sharded(mesh))
-    rng = np.random.default_rng(0)
-    batches = [take(split, jnp.asarray(rng.integers(0, NUM_EXAMPLES, batch_size, dtype=np.int32)))
-               for _ in range(steps_per_window)]
-    settle = backend.settle(mesh)  # as train runs: several CPU devices must not queue collectives
-
-    def window(name: str) -> float:
-        current = states[name]
-        start = time.perf_counter()
-        for batch in batches:
-            current, metrics = compiled[name](current, batch)
-            settle(metrics)
-        jax.block_until_ready(current)
-        states[name] = current
-        return steps_per_window * batch_size / (time.perf_counter() - start)
-
+    batches = random_batches(split, mesh, batch_size, steps_per_window)
     compiled, states, compile_seconds = {}, {}, {}
     for name, options in CANDIDATES.items():
         start = time.perf_counter()
         compiled[name] = train_step.lower(state, batches[0]).compile(options)
         compile_seconds[name] = time.perf_counter() - start
         states[name] = jax.tree_util.tree_map(jnp.copy, state)  # each candidate donates its own copy
-        window(name)  # warm-up
-    speeds = {name: [] for name in CANDIDATES}
-    for _ in range(rounds):
-        for name in CANDIDATES:
-            speeds[name].append(window(name))
+    speeds = alternating_speeds(compiled, states, batches, mesh, rounds)
     chosen = backend.compiler_options(jax.default_backend(), batch_norm=config.batch_norm)
     return [{"fusions": name, "config": preset, "devices": mesh.devices.size, "batch_size": batch_size,
              "train_images_per_second": statistics.median(speeds[name]), "slowest": min(speeds[name]),
@@ -126,21 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=tuple(PRESETS), default="default",
                         help="the preset whose train step is measured (default: default)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
-    parser.add_argument("--rounds", type=int, default=8, help="windows per candidate, alternating (median reported)")
-    parser.add_argument("--cpu-devices", type=int, default=None,
-                        help="split the CPU into this many JAX devices (default: one per core, as train does)")
-    output = parser.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    output.add_argument("--markdown", action="store_true", help="a Markdown table (for docs/performance.md)")
+    add_window_flags(parser, rounds=8)
     args = parser.parse_args(argv)
-    if min(args.batch_size, args.steps, args.rounds) <= 0 or (args.cpu_devices is not None and args.cpu_devices <= 0):
-        parser.error("--batch-size, --steps, --rounds and --cpu-devices must be positive")
-    if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    else:
-        backend.use_every_cpu_core()  # as `python -m mnist_jax.train` does
+    use_window_flags(parser, args)
     if jax.default_backend() != "cpu":
         parser.error(f"YNNPACK fusions are XLA:CPU options; this backend is {jax.default_backend()}")
     rows = measure(args.config, args.batch_size, args.steps, args.rounds)

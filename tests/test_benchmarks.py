@@ -83,3 +83,15 @@ def test_fusion_choice_rejects_bad_arguments():
     result = subprocess.run([sys.executable, "benchmarks/fusion_choice.py", "--rounds", "0"],
                             capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
     assert result.returncode == 2 and "must be positive" in result.stderr.splitlines()[-1]
+
+
+def test_batchnorm_choice_times_ours_against_flax_in_the_strong_step():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/batchnorm_choice.py", "--batch-size", "8", "--steps", "1", "--rounds", "2",
+         "--cpu-devices", "2", "--json"], capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["batch_norm"] for r in rows] == ["mnist_jax BatchNorm", "flax.linen.BatchNorm"]
+    for row in rows:
+        assert row["devices"] == 2 and row["batch_size"] == 8 and row["cpu_vendor"] == backend.cpu_vendor()
+        assert 0 < row["slowest"] <= row["train_images_per_second"] <= row["fastest"]
