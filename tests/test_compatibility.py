@@ -4,7 +4,8 @@ resume and evaluate, and a seed still starts from the weights it always started 
 tests/data/pre_rename_run was written by the code of commit 5c27fd1, before the rename: `train_and_evaluate` of its
 config.json on tiny_digits (two epochs, checkpoints at steps 2 and 4; two conv blocks of two convs, grouped batch
 norm, dropout, augmentation, label smoothing and a moving average, so every kind of layer and state is in it), and
-`initial_variables_seed7.npz`: that code's initial variables of the same model from PRNGKey(7).
+`initial_variables_seed7.npz`: that code's initial variables of the same model from PRNGKey(7). Its checkpoints are
+kept as `saved-checkpoints/` (a name no .gitignore rule covers) and copied into a workdir for each test.
 """
 
 import json
@@ -26,6 +27,7 @@ from mnist_jax.training import train_and_evaluate
 from helpers import REPO
 
 PRE_RENAME_RUN = REPO / "tests" / "data" / "pre_rename_run"
+SAVED_CHECKPOINTS = PRE_RENAME_RUN / "saved-checkpoints"
 # Written out by hand rather than computed, so the test does not share the code it checks.
 NEW_NAMES = {"Conv_0": "conv1_1", "Conv_1": "conv1_2", "Conv_2": "conv2_1", "Conv_3": "conv2_2",
              "BatchNorm_0": "conv1_1_bn", "BatchNorm_1": "conv1_2_bn", "BatchNorm_2": "conv2_1_bn",
@@ -48,6 +50,13 @@ def config():
     return workdir.read_config(str(PRE_RENAME_RUN))
 
 
+def copy_of_the_run(workdir):
+    """The pre-rename run as a workdir: its config, metrics and checkpoints/."""
+    shutil.copytree(PRE_RENAME_RUN, workdir, ignore=shutil.ignore_patterns("saved-checkpoints"))
+    shutil.copytree(SAVED_CHECKPOINTS, workdir / "checkpoints")
+    return workdir
+
+
 def test_a_seed_draws_the_initial_weights_it_drew_before_the_rename(config):
     model = build_model(config, 10, 0.2, 0.3)
     ours = leaves_by_path(initial_variables(model, jax.random.PRNGKey(7), (28, 28, 1)))
@@ -58,8 +67,8 @@ def test_a_seed_draws_the_initial_weights_it_drew_before_the_rename(config):
 
 
 def test_a_pre_rename_checkpoint_restores_every_array_to_its_named_place(config, tmp_path):
-    shutil.copytree(PRE_RENAME_RUN, tmp_path / "run")
-    raw = ocp.StandardCheckpointer().restore(PRE_RENAME_RUN / "checkpoints" / "4" / "state")  # old names, as saved
+    copy_of_the_run(tmp_path / "run")
+    raw = ocp.StandardCheckpointer().restore(SAVED_CHECKPOINTS / "4" / "state")  # old names, as saved
     model = build_model(config, 10, 0.2, 0.3)
     fresh = steps.create_train_state(model, make_optimizer(config, 2), jax.random.PRNGKey(0), (28, 28, 1),
                                      moving_average=True)
@@ -85,8 +94,7 @@ def test_a_pre_rename_checkpoint_restores_every_array_to_its_named_place(config,
 def test_a_pre_rename_run_resumes_to_the_figures_it_recorded(config, tiny_data_dir, tmp_path):
     """Killed after epoch 1 (its step-4 checkpoint removed), the run resumes under the new names and ends where the
     old code ended it (exactly on the machine that wrote it; CPUs with other kernels round differently)."""
-    shutil.copytree(PRE_RENAME_RUN, tmp_path / "run")
-    shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")
+    shutil.rmtree(copy_of_the_run(tmp_path / "run") / "checkpoints" / "4")
     history = train_and_evaluate(config, RunOptions(workdir=str(tmp_path / "run"), data_dir=str(tiny_data_dir),
                                                     devices=1, progress=False, plots=False))
     recorded = [json.loads(line) for line in (PRE_RENAME_RUN / "metrics.jsonl").read_text().splitlines()]
@@ -100,7 +108,7 @@ def test_a_pre_rename_run_resumes_to_the_figures_it_recorded(config, tiny_data_d
 
 
 def test_a_pre_rename_run_evaluates(tiny_data_dir, tmp_path):
-    report = evaluate(str(PRE_RENAME_RUN), checkpoint="latest", data_dir=str(tiny_data_dir),
+    report = evaluate(str(copy_of_the_run(tmp_path / "run")), checkpoint="latest", data_dir=str(tiny_data_dir),
                       out_dir=str(tmp_path / "eval"))
     recorded = json.loads((PRE_RENAME_RUN / "metrics.jsonl").read_text().splitlines()[-1])
     assert report["checkpoint_step"] == 4
