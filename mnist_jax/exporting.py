@@ -1,0 +1,252 @@
+"""Export: a checkpoint -> files that run without JAX, each verified by its own runtime, and `export.json`.
+
+Top to bottom: restore the model -> JAX's probabilities on the test split (the reference) -> per format: write it
+into a staging folder, load it with its runtime, predict the whole test split, compare with JAX -> move it into
+place only when it passes -> the manifest. A format that fails leaves nothing under its name, and the others are
+still written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from mnist_jax import data, export_onnx, export_tf, export_web, runtimes
+from mnist_jax.checkpoint import RestoredModel, restore_model
+from mnist_jax.config import UserError
+from mnist_jax.inference import make_predict_fn
+from mnist_jax.workdir import write_atomic
+
+FORMATS = ("tflite", "tflite_fp16", "tflite_int8", "onnx", "savedmodel", "web")
+FILE_NAMES = {"tflite": "model.tflite", "tflite_fp16": "model_fp16.tflite", "tflite_int8": "model_int8.tflite",
+              "onnx": "model.onnx", "savedmodel": "savedmodel", "web": "web"}
+RUNTIME_OF = {"tflite": "tflite", "tflite_fp16": "tflite", "tflite_int8": "tflite", "onnx": "onnx",
+              "savedmodel": "savedmodel", "web": "onnx"}
+QUANTISED = {"tflite_fp16", "tflite_int8"}
+FLOAT_TOLERANCE = 1e-4  # float32 formats: largest probability difference from JAX on any test image
+QUANTISED_ACCURACY_TOLERANCE = 0.003  # fp16 and int8: test accuracy within 0.3 percentage points of JAX's
+CALIBRATION_IMAGES = 300  # training images that calibrate int8 quantisation (never test images)
+EXPECTED_SHAPE = (28, 28, 1)
+MANIFEST = "export.json"
+SERVING_VERSION = "1"  # TF Serving loads numbered versions: savedmodel/1/
+
+
+class FormatFailed(Exception):
+    """One format could not be produced or failed its check; the message names the cause."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """What every format is compared with: the test split and JAX's probabilities for it."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    probabilities: np.ndarray
+    calibration: np.ndarray
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.probabilities.argmax(-1) == self.labels).mean())
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """'all' or a comma-separated list of FORMATS, in FORMATS' order."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return FORMATS
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown or not names:
+        raise UserError(f"--formats: unknown format {', '.join(unknown) or repr(text)} (choose from all, "
+                        f"{', '.join(FORMATS)})")
+    return tuple(name for name in FORMATS if name in names)
+
+
+def export(workdir: str, checkpoint: str = "best", formats: tuple[str, ...] = FORMATS, out: str | None = None,
+           data_dir: str | None = None, onnxruntime_web: str | None = None,
+           log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, str]]:
+    """Writes every format it can into `out` (default `workdir/export`) with the manifest; returns the manifest
+    and {format: why it failed} for the others."""
+    model = restore_model(workdir, checkpoint)
+    if model.image_shape != EXPECTED_SHAPE:
+        raise UserError(f"export needs a model of 28x28 grayscale images; {workdir} holds one of "
+                        f"{'x'.join(map(str, model.image_shape))}")
+    out = out or os.path.join(workdir, "export")
+    os.makedirs(out, exist_ok=True)
+    reference = reference_predictions(model, data.resolve_data_dir(data_dir))
+    log(f"exporting checkpoint {model.step} of {workdir} -> {out} (JAX test accuracy {reference.accuracy:.2%} on "
+        f"{len(reference.labels):,} images)")
+    entries, failures = [], {}
+    for name in formats:
+        started = time.time()
+        try:
+            entry = _export_one(name, model, reference, out, onnxruntime_web)
+        except FormatFailed as error:
+            failures[name] = str(error)
+            print(f"error: {name}: {error}", file=sys.stderr, flush=True)
+            continue
+        entries.append(entry)
+        log(_summary_line(entry, time.time() - started))
+    manifest = build_manifest(model, entries)
+    write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    return manifest, failures
+
+
+def reference_predictions(model: RestoredModel, data_dir: str | None) -> Reference:
+    images, labels = data.load_split_numpy(model.config.dataset, "test", data_dir)
+    train_images, _ = data.load_split_numpy(model.config.dataset, "train", data_dir)
+    chosen = np.random.default_rng(0).choice(len(train_images), min(CALIBRATION_IMAGES, len(train_images)),
+                                             replace=False)
+    return Reference(images, labels, make_predict_fn(model)(images), train_images[np.sort(chosen)])
+
+
+def _export_one(name: str, model: RestoredModel, reference: Reference, out: str,
+                onnxruntime_web: str | None) -> dict[str, Any]:
+    """Writes one format in a staging folder beside its final place, checks it, then moves it in."""
+    final = os.path.join(out, FILE_NAMES[name])
+    _remove(final)  # a format that fails now must not leave an older file that the manifest no longer lists
+    with tempfile.TemporaryDirectory(dir=out, prefix=f".staging-{name}-") as staging:
+        staged = os.path.join(staging, FILE_NAMES[name])
+        try:
+            with _quiet_native_output():
+                model_file = _write(name, model, reference, staged, onnxruntime_web)
+            predicted = runtimes.load(model_file)(reference.images)
+        except (FormatFailed, UserError):
+            raise
+        except export_web.RuntimeMissing as error:
+            raise FormatFailed(str(error)) from None
+        except Exception as error:  # noqa: BLE001  (converters raise many types; the cause is their message)
+            raise FormatFailed(f"cannot be produced: {_first_line(error)}") from None
+        entry = _check(name, predicted, reference)
+        os.replace(staged, final)
+    entry.update(format=name, path=FILE_NAMES[name] + ("/" if os.path.isdir(final) else ""), bytes=_size(final),
+                 sha256=_sha256(final))
+    if name == "web":
+        entry["browser_runtime"] = export_web.onnxruntime_web_version(onnxruntime_web)
+    return entry
+
+
+def _write(name: str, model: RestoredModel, reference: Reference, path: str, onnxruntime_web: str | None) -> str:
+    """Writes format `name` at `path`; returns the model file its runtime loads."""
+    if name in export_tf.TFLITE_KINDS:
+        content = export_tf.tflite_bytes(model.module, model.variables, model.image_shape, name, reference.calibration)
+        foreign = sorted(op for op in runtimes.tflite_operators(content)
+                         if not op.isupper() or op.startswith(("STABLEHLO", "FLEX", "CUSTOM", "DELEGATE")))
+        if foreign:
+            raise FormatFailed(f"uses operators the stock LiteRT runtime lacks: {', '.join(foreign)}")
+        write_atomic(path, content)
+        return path
+    if name == "savedmodel":
+        version = os.path.join(path, SERVING_VERSION)
+        export_tf.write_savedmodel(model.module, model.variables, model.image_shape, version)
+        return version
+    try:
+        onnx_bytes = export_onnx.to_onnx(model.module, model.variables, model.image_shape)
+    except export_onnx.UnsupportedModel as error:
+        raise FormatFailed(str(error)) from None
+    if name == "onnx":
+        write_atomic(path, onnx_bytes)
+        return path
+    export_web.write_web_folder(path, onnx_bytes, onnxruntime_web)
+    return os.path.join(path, export_web.MODEL_FILE)
+
+
+def _check(name: str, predicted: np.ndarray, reference: Reference) -> dict[str, Any]:
+    """The manifest's verification fields; FormatFailed when the format misses its bound."""
+    expected = reference.probabilities
+    if predicted.shape != expected.shape:
+        raise FormatFailed(f"predicts shape {predicted.shape}, JAX {expected.shape}")
+    agreement = float((predicted.argmax(-1) == expected.argmax(-1)).mean())
+    difference = float(np.abs(predicted - expected).max())
+    accuracy = float((predicted.argmax(-1) == reference.labels).mean())
+    count = len(reference.labels)
+    if name in QUANTISED:
+        if abs(accuracy - reference.accuracy) > QUANTISED_ACCURACY_TOLERANCE:
+            raise FormatFailed(f"test accuracy {accuracy:.2%} is more than {QUANTISED_ACCURACY_TOLERANCE:.1%} "
+                               f"from JAX's {reference.accuracy:.2%}")
+    elif agreement < 1.0 or difference > FLOAT_TOLERANCE:
+        raise FormatFailed(f"differs from JAX: same class on {round(agreement * count)}/{count} test images, "
+                           f"largest probability difference {difference:.1e} (allowed {FLOAT_TOLERANCE:.0e})")
+    return {"runtime": runtimes.runtime_version(RUNTIME_OF[name]), "test_accuracy": round(accuracy, 6),
+            "agreement_with_jax": round(agreement, 6), "max_abs_probability_difference": float(f"{difference:.3g}")}
+
+
+def build_manifest(model: RestoredModel, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    height, width, channels = model.image_shape
+    return {
+        "checkpoint_step": model.step,
+        "dataset": model.config.dataset,
+        "class_names": list(model.class_names),
+        "input": {
+            "name": export_tf.INPUT_NAME,
+            "shape": ["N", height, width, channels],
+            "dtype": "uint8",
+            "pixels": f"{height}x{width} grayscale, 0-255, white digit on black, the digit's longer side scaled to 20 "
+                      "px and its centre of mass at the image centre (as MNIST's digits; "
+                      "mnist_jax.images.to_mnist does this). The TFLite files take a batch of 1.",
+        },
+        "output": {"name": export_tf.OUTPUT_NAME, "shape": ["N", len(model.class_names)], "dtype": "float32",
+                   "meaning": "class probabilities (softmax), in class_names' order"},
+        "files": [{key: entry[key] for key in ("format", "path", "bytes", "sha256", "runtime", "test_accuracy",
+                                               "agreement_with_jax", "max_abs_probability_difference")}
+                  | ({"browser_runtime": entry["browser_runtime"]} if "browser_runtime" in entry else {})
+                  for entry in entries],
+    }
+
+
+def _summary_line(entry: dict[str, Any], seconds: float) -> str:
+    return (f"{entry['format']:<12} {entry['path']:<18} {entry['bytes'] / 1e6:6.2f} MB  test accuracy "
+            f"{entry['test_accuracy']:.2%}  same class as JAX {entry['agreement_with_jax']:.2%}  max |dp| "
+            f"{entry['max_abs_probability_difference']:.1e}  ({entry['runtime']}, {seconds:.1f} s)")
+
+
+def _sha256(path: str) -> str:
+    """A file's sha256; a folder's is that of its `sha256sum` listing, as
+    `cd DIR && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum` prints it."""
+    if os.path.isfile(path):
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, "sha256").hexdigest()
+    files = sorted("./" + os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/")
+                   for root, _, names in os.walk(path) for name in names)
+    listing = "".join(f"{_sha256(os.path.join(path, name))}  {name}\n" for name in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def _quiet_native_output() -> Iterator[None]:
+    """TF's converter prints its internal progress from C++ to stderr; the user gets our one line per format."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
