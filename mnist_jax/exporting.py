@@ -8,7 +8,6 @@ still written.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -117,7 +116,7 @@ def _export_one(name: str, model: RestoredModel, reference: Reference, out: str,
     with tempfile.TemporaryDirectory(dir=out, prefix=f".staging-{name}-") as staging:
         staged = os.path.join(staging, FILE_NAMES[name])
         try:
-            with _quiet_native_output():
+            with runtimes.quiet_native_stderr():
                 model_file = _write(name, model, reference, staged, onnxruntime_web)
             predicted = runtimes.load(model_file)(reference.images)
         except (FormatFailed, UserError):
@@ -237,16 +236,3 @@ def _remove(path: str) -> None:
 def _first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
-
-
-@contextlib.contextmanager
-def _quiet_native_output() -> Iterator[None]:
-    """TF's converter prints its internal progress from C++ to stderr; the user gets our one line per format."""
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)

@@ -1,9 +1,10 @@
-"""Prediction from image files: `python -m mnist_jax.predict --workdir DIR IMAGE [IMAGE ...] [--json]`.
+"""Prediction from image files: `python -m mnist_jax.predict --workdir DIR IMAGE [IMAGE ...] [--json]`, or with an
+exported model and no JAX in the loop: `python -m mnist_jax.predict --model model.tflite|model.onnx IMAGE ...`.
 
 Each file goes through `images.preprocess_file` (the way MNIST itself was made: grayscale, inverted when the
 background is light, cropped, longer side scaled to 20 px, centred by centre of mass in 28x28), then all of
 them through one jitted batched prediction (`--tta` averages it over small fixed shifts, rotations and zooms,
-as `evaluate --tta` does). A file that cannot be read gets an error entry, the others are
+as `evaluate --tta` does); with `--model`, through the file's own runtime (`runtimes`). A file that cannot be read gets an error entry, the others are
 still classified, and the exit code is 1.
 """
 
@@ -15,25 +16,32 @@ from typing import Any
 import numpy as np
 
 from mnist_jax.checkpoint import restore_model
+from mnist_jax import runtimes
 from mnist_jax.cli import ArgumentParser, run_cli
+from mnist_jax.config import UserError
 from mnist_jax.images import ImageError, preprocess_file
 from mnist_jax.inference import TEST_TIME_AUGMENTATION_HELP, make_predict_fn
 
 TOP_K = 3
 
 
-def predict_files(workdir: str, paths: list[str], checkpoint: str = "best",
-                  test_time_augmentation: bool = False) -> list[dict[str, Any]]:
-    """One result per path, in order: {"file", "prediction", "probabilities"} or {"file", "error"}."""
-    model = restore_model(workdir, checkpoint)
+def predict_files(workdir: str | None, paths: list[str], checkpoint: str = "best",
+                  test_time_augmentation: bool = False, model_file: str | None = None) -> list[dict[str, Any]]:
+    """One result per path, in order: {"file", "prediction", "probabilities"} or {"file", "error"}. The model is a
+    workdir's checkpoint, or `model_file`, an exported .tflite or .onnx run by its runtime."""
+    if model_file is not None:
+        if test_time_augmentation:
+            raise UserError("--tta needs --workdir: an exported model holds plain prediction only")
+        predict = runtimes.load(model_file)
+    else:
+        predict = make_predict_fn(restore_model(workdir, checkpoint), test_time_augmentation=test_time_augmentation)
     digits, errors = {}, {}
     for path in paths:
         try:
             digits[path] = preprocess_file(path)
         except ImageError as error:
             errors[path] = str(error)
-    predict = make_predict_fn(model, test_time_augmentation=test_time_augmentation)
-    probabilities = predict(np.stack(list(digits.values()))) if digits else []
+    probabilities = predict(np.stack(list(digits.values()))[..., None]) if digits else []
     by_path = dict(zip(digits, probabilities))
     results = []
     for path in paths:
@@ -62,9 +70,12 @@ def parse_args(argv: list[str] | None):
         description="Classify image files (PNG/JPEG, any size; dark ink on light paper or light on dark).",
         epilog="example: python -m mnist_jax.predict --workdir runs/mnist my_digit.png another.jpg",
     )
-    parser.add_argument("--workdir", required=True, help="a training workdir")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--workdir", help="a training workdir")
+    model.add_argument("--model", help="an exported model instead: a .tflite or .onnx file (python -m mnist_jax.export)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
-    parser.add_argument("--checkpoint", default="best", help="best, latest or a step number (default: best)")
+    parser.add_argument("--checkpoint", default="best",
+                        help="best, latest or a step number (default: best); with --workdir")
     parser.add_argument("--tta", action="store_true", help=TEST_TIME_AUGMENTATION_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON array instead of text lines")
     return parser.parse_args(argv)
@@ -72,7 +83,8 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results = predict_files(args.workdir, args.images, args.checkpoint, test_time_augmentation=args.tta)
+    results = predict_files(args.workdir, args.images, args.checkpoint, test_time_augmentation=args.tta,
+                            model_file=args.model)
     if args.json:
         print(json.dumps(results))
     else:

@@ -5,9 +5,11 @@ classes)`, so export's verification, `predict --model` and the latency benchmark
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from importlib import metadata
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -59,8 +61,9 @@ def _tflite_interpreter(path_or_bytes: str | bytes, threads: int | None, delegat
     source = {"model_content": path_or_bytes} if isinstance(path_or_bytes, bytes) else {"model_path": path_or_bytes}
     # Without the default (XNNPACK) delegate, the listing shows the file's own operators, not one DELEGATE node.
     resolver = OpResolverType.AUTO if delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    interpreter = Interpreter(**source, num_threads=threads, experimental_op_resolver_type=resolver)
-    interpreter.allocate_tensors()
+    with quiet_native_stderr():  # LiteRT announces its XNNPACK delegate from C++
+        interpreter = Interpreter(**source, num_threads=threads, experimental_op_resolver_type=resolver)
+        interpreter.allocate_tensors()
     return interpreter
 
 
@@ -99,3 +102,17 @@ def _savedmodel(path: str, threads: int | None) -> PredictFn:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
     serve = tf.saved_model.load(path).signatures["serving_default"]
     return lambda images: serve(images=tf.constant(np.asarray(images, np.uint8)))["probabilities"].numpy()
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silences what native code writes to stderr meanwhile: TF's converter and LiteRT print their progress from
+    C++, and our users get our one-line messages instead (Python errors still propagate as exceptions)."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

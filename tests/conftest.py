@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (IN_PROCESS, SHARED_DATA, STRONG_TINY_FLAGS, SUBPROCESS, TINY_FLAGS, TINY_RUN_FLAGS,
+from helpers import (CHROMIUM, CHROMIUM_ARGS, IN_PROCESS, SHARED_DATA, STRONG_TINY_FLAGS, SUBPROCESS, TINY_FLAGS, TINY_RUN_FLAGS,
                      XLA_CACHE_VARIABLE, Way, built_once, refuse_python_subprocesses, shared_path, trained_once,
                      write_tiny_dataset)
 from mnist_jax.datacache import CACHE_VARIABLE as DATA_CACHE_VARIABLE
@@ -127,3 +127,16 @@ def mnist_run(tmp_path_factory, shared_data_dir) -> Path:
 def way(request) -> Way:
     """Runs a test both ways: in this process (fast tier) and through `python -m` subprocesses (e2e)."""
     return Way(request.param, request)
+
+
+# --------------------------------------------------------------------------------------------- a browser
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium driven by Playwright (which never downloads a browser here), one per test module."""
+    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()

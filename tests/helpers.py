@@ -447,3 +447,54 @@ def refuse_python_subprocesses(nodeid: str) -> contextlib.AbstractContextManager
 
     return mock.patch.object(subprocess.Popen, "__init__", guarded)
 
+
+# --------------------------------------------------------------------------------------------- drawing in a browser
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+INK_THRESHOLD = 128  # MNIST pixels at least this bright are traced
+
+
+def strokes(image: np.ndarray) -> list[tuple[int, int, int]]:
+    """Each row's runs of bright pixels as (row, first column, last column): one horizontal drag each."""
+    runs = []
+    for row in range(image.shape[0]):
+        bright = np.flatnonzero(image[row] >= INK_THRESHOLD)
+        if bright.size:
+            breaks = np.flatnonzero(np.diff(bright) > 1)
+            for start, end in zip(np.r_[bright[0], bright[breaks + 1]], np.r_[bright[breaks], bright[-1]]):
+                runs.append((row, int(start), int(end)))
+    return runs
+
+
+def draw(page, image: np.ndarray) -> None:
+    """Drags the mouse along the digit's strokes, the 28x28 image scaled to the whole canvas."""
+    box = page.get_by_test_id("digit-canvas").bounding_box()
+    scale = box["width"] / image.shape[1]
+    def at(row: float, col: float) -> tuple[float, float]:
+        return box["x"] + (col + 0.5) * scale, box["y"] + (row + 0.5) * scale
+    for row, first, last in strokes(image):
+        page.mouse.move(*at(row, first))
+        page.mouse.down()
+        page.mouse.move(*at(row, last + 0.01), steps=max(1, last - first))
+        page.mouse.up()
+
+
+def settled_prediction(page) -> str:
+    page.wait_for_function("document.body.dataset.pending === '0'"
+                           " && document.querySelector('[data-testid=prediction]').textContent !== ''", timeout=20_000)
+    return page.get_by_test_id("prediction").text_content()
+
+
+def web_runtime_dir() -> Path:
+    """ONNX Runtime Web's files from `npm ci`; a test that needs them skips without, except in CI, which installs
+    them (.ci/run), where their absence is a failure."""
+    from mnist_jax.export_web import RUNTIME_FILES, default_runtime_dir
+
+    directory = default_runtime_dir()
+    if not all((directory / name).is_file() for name in RUNTIME_FILES):
+        message = f"ONNX Runtime Web is not installed in {directory} (run `npm ci` in the repository)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return directory

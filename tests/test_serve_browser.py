@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import pytest
 
-from helpers import ServerProcess
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-INK_THRESHOLD = 128  # MNIST pixels at least this bright are traced
+from helpers import ServerProcess, draw, settled_prediction, strokes
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture(scope="module")
@@ -43,37 +24,6 @@ def page(browser, server):
     opened.goto(server.url + "/")
     yield opened
     context.close()
-
-
-def strokes(image: np.ndarray) -> list[tuple[int, int, int]]:
-    """Each row's runs of bright pixels as (row, first column, last column): one horizontal drag each."""
-    runs = []
-    for row in range(image.shape[0]):
-        bright = np.flatnonzero(image[row] >= INK_THRESHOLD)
-        if bright.size:
-            breaks = np.flatnonzero(np.diff(bright) > 1)
-            for start, end in zip(np.r_[bright[0], bright[breaks + 1]], np.r_[bright[breaks], bright[-1]]):
-                runs.append((row, int(start), int(end)))
-    return runs
-
-
-def draw(page, image: np.ndarray) -> None:
-    """Drags the mouse along the digit's strokes, the 28x28 image scaled to the whole canvas."""
-    box = page.get_by_test_id("digit-canvas").bounding_box()
-    scale = box["width"] / image.shape[1]
-    def at(row: float, col: float) -> tuple[float, float]:
-        return box["x"] + (col + 0.5) * scale, box["y"] + (row + 0.5) * scale
-    for row, first, last in strokes(image):
-        page.mouse.move(*at(row, first))
-        page.mouse.down()
-        page.mouse.move(*at(row, last + 0.01), steps=max(1, last - first))
-        page.mouse.up()
-
-
-def settled_prediction(page) -> str:
-    page.wait_for_function("document.body.dataset.pending === '0'"
-                           " && document.querySelector('[data-testid=prediction]').textContent !== ''", timeout=20_000)
-    return page.get_by_test_id("prediction").text_content()
 
 
 def canvas_max_value(page) -> int:
