@@ -95,9 +95,33 @@ def export(workdir: str, checkpoint: str = "best", formats: tuple[str, ...] = FO
             continue
         entries.append(entry)
         log(_summary_line(entry, time.time() - started))
+    entries += _earlier_entries(out, model.step, done=set(formats), log=log)
+    entries.sort(key=lambda entry: FORMATS.index(entry["format"]))
     manifest = build_manifest(model, entries)
     write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, indent=2) + "\n")
     return manifest, failures
+
+
+def _earlier_entries(out: str, step: int, done: set[str], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The entries of an earlier export into `out` for formats not exported now: kept when they come from the same
+    checkpoint and their files are unchanged; otherwise their files are removed, so that the folder holds only
+    files of one checkpoint, each listed in the manifest."""
+    try:
+        with open(os.path.join(out, MANIFEST)) as file:
+            earlier = json.load(file)
+    except (OSError, ValueError):
+        return []
+    kept = []
+    for entry in earlier.get("files", []):
+        if entry.get("format") not in FILE_NAMES or entry["format"] in done:
+            continue
+        path = os.path.join(out, FILE_NAMES[entry["format"]])
+        if earlier.get("checkpoint_step") == step and os.path.exists(path) and _sha256(path) == entry.get("sha256"):
+            kept.append(entry)
+        elif os.path.exists(path):
+            _remove(path)
+            log(f"removed {entry['path']}: exported from checkpoint {earlier.get('checkpoint_step')}, or changed since")
+    return kept
 
 
 def reference_predictions(model: RestoredModel, data_dir: str | None) -> Reference:

@@ -100,6 +100,7 @@ def _savedmodel(path: str, threads: int | None) -> PredictFn:
 
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     serve = tf.saved_model.load(path).signatures["serving_default"]
     return lambda images: serve(images=tf.constant(np.asarray(images, np.uint8)))["probabilities"].numpy()
 

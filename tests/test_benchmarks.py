@@ -95,3 +95,26 @@ def test_batchnorm_choice_times_ours_against_flax_in_the_strong_step():
     for row in rows:
         assert row["devices"] == 2 and row["batch_size"] == 8 and row["cpu_vendor"] == backend.cpu_vendor()
         assert 0 < row["slowest"] <= row["train_images_per_second"] <= row["fastest"]
+
+
+def test_export_latency_times_every_exported_format_and_the_browser(tiny_run, tiny_data_dir, tmp_path):
+    from helpers import run_module, web_runtime_dir
+
+    exported = run_module("mnist_jax.export", "--workdir", tiny_run, "--out", tmp_path, "--data-dir", tiny_data_dir,
+                          "--formats", "tflite_int8,onnx,web", "--onnxruntime-web", web_runtime_dir())
+    assert exported.returncode == 0, exported.stderr
+    result = subprocess.run(
+        [sys.executable, "benchmarks/export_latency.py", "--workdir", str(tiny_run), "--export", str(tmp_path),
+         "--data-dir", str(tiny_data_dir), "--images", "20", "--warmup", "2", "--browser", "--markdown"],
+        capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.stdout.splitlines()]
+    assert rows[0] == ["format", "MB", "p50 ms", "p99 ms", "batch-256 img/s", "test accuracy"]
+    assert [row[0] for row in rows[2:]] == ["JAX predict (reference)", "tflite_int8", "onnx",
+                                           "web (chromium, ONNX Runtime Web)"]
+    manifest = json.loads((tmp_path / "export.json").read_text())
+    for row, entry in zip(rows[3:], manifest["files"]):
+        assert row[1] == f"{entry['bytes'] / 1e6:.2f}" and row[5] == f"{entry['test_accuracy']:.2%}"
+    for row in rows[2:]:
+        assert 0 < float(row[2]) <= float(row[3])  # p50 <= p99
+    assert rows[-1][4] == "-"  # no batch figure in the browser

@@ -8,6 +8,7 @@
   window.mnistTimings = []; // milliseconds per session.run, read by the latency benchmark
 
   const session = ort.InferenceSession.create("model.onnx", { executionProviders: ["wasm"] });
+  window.mnistModel = session; // the app's session, for the latency benchmark
   const page = window.startDrawingPage(async (canvas) => {
     const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
     const digit = window.mnistPreprocess.fromRgba(pixels.data, pixels.width, pixels.height);
