@@ -25,7 +25,7 @@ TOOLS = ("mnist_jax.train", "mnist_jax.evaluate", "mnist_jax.predict", "mnist_ja
          "mnist_jax.transfer", "benchmarks/step_throughput.py", "benchmarks/fusion_choice.py",
          "benchmarks/serve_load.py", "benchmarks/predict_agreement.py", "benchmarks/transfer_study.py",
          "benchmarks/batchnorm_choice.py", "mnist_jax.export", "benchmarks/export_latency.py")
-OTHER_PROGRAMS_FLAGS = {"--data-binary"}  # curl's, in the serve example
+OTHER_PROGRAMS_FLAGS = {"--data-binary", "--directory"}  # curl's (the serve example), http.server's (deploy)
 FLAG_TABLE_HEADING = "### Every training flag"
 ENVIRONMENT_WORD = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
 
