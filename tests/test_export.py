@@ -289,3 +289,23 @@ def test_the_export_command_writes_every_format(tiny_run, tiny_data_dir, tmp_pat
     cached = json.loads(re.search(r"const FILES = (\[.*\]);", (tmp_path / "web" / "sw.js").read_text()).group(1))
     assert set(cached) == {"./"} | app - {"sw.js"}  # the offline copy: every file but the worker itself
     assert (tmp_path / "web" / "model.onnx").read_bytes() == (tmp_path / "model.onnx").read_bytes()
+
+
+@pytest.mark.e2e
+def test_a_model_some_formats_cannot_hold_gets_the_others_and_one_line_per_failure(tiny_data_dir, tmp_path) -> None:
+    from helpers import TINY_FLAGS
+
+    trained = run_module("mnist_jax.train", "--workdir", tmp_path / "run", "--data-dir", tiny_data_dir, *TINY_FLAGS,
+                         "--epochs", "1", "--deskew", "true", "--conv-features", "8,16", "--dense-features", "32")
+    assert trained.returncode == 0, trained.stderr
+    result = run_module("mnist_jax.export", "--workdir", tmp_path / "run", "--out", tmp_path / "out",
+                        "--data-dir", tiny_data_dir, "--onnxruntime-web", web_runtime_dir())
+    assert result.returncode == 1
+    failed = dict(line.removeprefix("error: ").split(": ", 1) for line in result.stderr.splitlines())
+    assert "Traceback" not in result.stderr and all(name in LOCAL_FORMATS + ",web" for name in failed)
+    assert failed["onnx"] == failed["web"] == ("--deskew models are not supported (the deskewing warp has no ONNX "
+                                               "form here)")
+    written = [entry["format"] for entry in manifest_of(tmp_path / "out")["files"]]
+    assert written and set(written).isdisjoint(failed)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["export.json"] + [entry["path"].rstrip("/") for entry in manifest_of(tmp_path / "out")["files"]])
