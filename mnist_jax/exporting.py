@@ -80,8 +80,8 @@ def export(workdir: str, checkpoint: str = "best", formats: tuple[str, ...] = FO
         raise UserError(f"export needs a model of 28x28 grayscale images; {workdir} holds one of "
                         f"{'x'.join(map(str, model.image_shape))}")
     out = out or os.path.join(workdir, "export")
-    os.makedirs(out, exist_ok=True)
     reference = reference_predictions(model, data.resolve_data_dir(data_dir))
+    os.makedirs(out, exist_ok=True)
     log(f"exporting checkpoint {model.step} of {workdir} -> {out} (JAX test accuracy {reference.accuracy:.2%} on "
         f"{len(reference.labels):,} images)")
     entries, failures = [], {}
@@ -116,11 +116,17 @@ def _earlier_entries(out: str, step: int, done: set[str], log: Callable[[str], N
         if entry.get("format") not in FILE_NAMES or entry["format"] in done:
             continue
         path = os.path.join(out, FILE_NAMES[entry["format"]])
-        if earlier.get("checkpoint_step") == step and os.path.exists(path) and _sha256(path) == entry.get("sha256"):
+        if not os.path.exists(path):
+            continue
+        if earlier.get("checkpoint_step") != step:
+            reason = f"exported from checkpoint {earlier.get('checkpoint_step')}, not {step}"
+        elif _sha256(path) != entry.get("sha256"):
+            reason = "changed since it was exported"
+        else:
             kept.append(entry)
-        elif os.path.exists(path):
-            _remove(path)
-            log(f"removed {entry['path']}: exported from checkpoint {earlier.get('checkpoint_step')}, or changed since")
+            continue
+        _remove(path)
+        log(f"removed {entry['path']}: {reason}")
     return kept
 
 
@@ -166,7 +172,8 @@ def _write(name: str, model: RestoredModel, reference: Reference, path: str, onn
                          if not op.isupper() or op.startswith(("STABLEHLO", "FLEX", "CUSTOM", "DELEGATE")))
         if foreign:
             raise FormatFailed(f"uses operators the stock LiteRT runtime lacks: {', '.join(foreign)}")
-        write_atomic(path, content)
+        with open(path, "wb") as file:  # in the staging folder: the move into place is what makes it atomic
+            file.write(content)
         return path
     if name == "savedmodel":
         version = os.path.join(path, SERVING_VERSION)
@@ -177,7 +184,8 @@ def _write(name: str, model: RestoredModel, reference: Reference, path: str, onn
     except export_onnx.UnsupportedModel as error:
         raise FormatFailed(str(error)) from None
     if name == "onnx":
-        write_atomic(path, onnx_bytes)
+        with open(path, "wb") as file:
+            file.write(onnx_bytes)
         return path
     export_web.write_web_folder(path, onnx_bytes, onnxruntime_web)
     return os.path.join(path, export_web.MODEL_FILE)

@@ -42,20 +42,20 @@ def manifest_of(out: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------- the ONNX graph
 def random_model(**architecture):
-    """A model of this architecture with random weights and, with batch norm, random running statistics."""
+    """A model of this architecture with random weights and, with batch norm, random running statistics (drawn
+    in numpy on the variables' shapes: nothing is compiled)."""
     import jax
 
     from mnist_jax.config import Config
-    from mnist_jax.model import build_model, initial_variables
+    from mnist_jax.model import build_model
 
     module = build_model(dataclasses.replace(Config(), **architecture), 10, 0.13, 0.31)
-    variables = jax.device_get(initial_variables(module, jax.random.PRNGKey(0), (28, 28, 1)))
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.uint8)))
     rng = np.random.default_rng(1)
-    perturbed = jax.tree_util.tree_map(lambda leaf: leaf + rng.normal(0, 0.05, leaf.shape).astype(np.float32),
-                                       variables)
-    if "batch_stats" in perturbed:  # variances stay positive
-        perturbed["batch_stats"] = jax.tree_util.tree_map(np.abs, perturbed["batch_stats"])
-    return module, perturbed
+    variables = jax.tree_util.tree_map(lambda leaf: rng.normal(0, 0.3, leaf.shape).astype(np.float32), shapes)
+    if "batch_stats" in variables:  # variances stay positive
+        variables["batch_stats"] = jax.tree_util.tree_map(np.abs, variables["batch_stats"])
+    return module, variables
 
 
 @pytest.mark.parametrize("architecture", [
@@ -71,13 +71,14 @@ def test_the_onnx_graph_computes_what_the_model_computes(architecture) -> None:
     from mnist_jax.export_onnx import to_onnx
 
     module, variables = random_model(**architecture)
+    probabilities = jax.jit(lambda v, x: jax.nn.softmax(module.apply(v, x, train=False)))
     graph = to_onnx(module, variables, (28, 28, 1))
     onnx.checker.check_model(onnx.load_from_string(graph), full_check=True)
     session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     for count in (1, 7):  # the batch is free
         images = make_tiny_images(rng.integers(0, 10, count), rng)
-        expected = np.asarray(jax.nn.softmax(module.apply(variables, images, train=False)))
+        expected = np.asarray(probabilities(variables, images))
         (got,) = session.run(None, {"images": images})
         assert got.shape == (count, 10) and got.dtype == np.float32
         np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -85,11 +86,15 @@ def test_the_onnx_graph_computes_what_the_model_computes(architecture) -> None:
 
 
 def test_models_the_onnx_graph_cannot_express_are_refused_with_the_reason() -> None:
+    from mnist_jax.config import Config
     from mnist_jax.export_onnx import UnsupportedModel, to_onnx
+    from mnist_jax.model import build_model
 
-    module, variables = random_model(conv_features=(8,), dense_features=(16,), deskew=True)
-    with pytest.raises(UnsupportedModel, match="--deskew models are not supported"):
-        to_onnx(module, variables, (28, 28, 1))
+    for change, reason in (({"deskew": True}, "--deskew models are not supported"),
+                           ({"dtype": "bfloat16"}, "--dtype bfloat16 models are not supported")):
+        module = build_model(dataclasses.replace(Config(), **change), 10, 0.13, 0.31)
+        with pytest.raises(UnsupportedModel, match=reason):
+            to_onnx(module, {}, (28, 28, 1))  # refused before any weight is read
 
 
 # --------------------------------------------------------------------------------------------- every format
@@ -163,6 +168,32 @@ def test_a_folder_digest_is_what_sha256sum_prints(exported) -> None:
                            shell=True, cwd=folder, capture_output=True, text=True, check=True)
     assert _sha256(str(folder)) == shell.stdout.split()[0]
     assert manifest_of(exported)["files"][4]["sha256"] == shell.stdout.split()[0]
+
+
+def test_exporting_again_keeps_other_formats_of_the_same_checkpoint_only(exported, tiny_run_in_process,
+                                                                       tiny_data_dir, tmp_path) -> None:
+    import shutil
+
+    from mnist_jax.checkpoint import open_manager
+
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    (out / "stdout.txt").unlink()
+    same = export_main("--workdir", tiny_run_in_process, "--formats", "onnx", "--out", out, "--data-dir",
+                       tiny_data_dir)
+    assert same.returncode == 0, same.stderr
+    assert manifest_of(out)["files"] == manifest_of(exported)["files"]  # the ONNX file is rebuilt bit for bit
+    step = manifest_of(out)["checkpoint_step"]
+    earlier = min(open_manager(str(tiny_run_in_process), read_only=True).all_steps())
+    assert earlier != step
+    other = export_main("--workdir", tiny_run_in_process, "--formats", "onnx", "--checkpoint", earlier, "--out",
+                        out, "--data-dir", tiny_data_dir)
+    assert other.returncode == 0, other.stderr
+    assert [line for line in other.stdout.splitlines() if line.startswith("removed")] == [
+        f"removed {path}: exported from checkpoint {step}, not {earlier}"
+        for path in ("model.tflite", "model_fp16.tflite", "model_int8.tflite", "savedmodel/")]
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
+    assert manifest_of(out)["checkpoint_step"] == earlier
 
 
 # --------------------------------------------------------------------------------------------- failures
