@@ -24,7 +24,7 @@ README_MAX_LINES = 250
 TOOLS = ("mnist_jax.train", "mnist_jax.evaluate", "mnist_jax.predict", "mnist_jax.serve", "mnist_jax.sweep",
          "mnist_jax.transfer", "benchmarks/step_throughput.py", "benchmarks/fusion_choice.py",
          "benchmarks/serve_load.py", "benchmarks/predict_agreement.py", "benchmarks/transfer_study.py",
-         "benchmarks/batchnorm_choice.py")
+         "benchmarks/batchnorm_choice.py", "benchmarks/multiprocess_throughput.py")
 OTHER_PROGRAMS_FLAGS = {"--data-binary"}  # curl's, in the serve example
 FLAG_TABLE_HEADING = "### Every training flag"
 ENVIRONMENT_WORD = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
