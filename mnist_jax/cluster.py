@@ -32,7 +32,8 @@ DEFAULT_JOIN_TIMEOUT = 120
 # Signs of life come from a thread of their own (`PeerWatch`), so compiling, checkpointing or a slow step never
 # delays them; a process silent this long is gone, and a survivor should not hold its machine much longer.
 DEFAULT_HEARTBEAT_TIMEOUT = 30
-JAX_TIMEOUT_MARGIN = 60  # JAX's own join and heartbeat timeouts are ours plus this: its native abort must never come first
+# JAX's own join and heartbeat timeouts are ours plus this, so its native abort never comes first.
+JAX_TIMEOUT_MARGIN = 60
 # The processes of a run finish their last epoch in lockstep; process 0 then writes plots before it exits.
 SHUTDOWN_TIMEOUT = 60
 PEER_DIED_EXIT = 75  # EX_TEMPFAIL: the run can be resumed by starting every process again
@@ -111,8 +112,8 @@ def exit_for_dead_peer(num_processes: int, reason: str) -> None:
 
 class PeerWatch(threading.Thread):
     """Every process's sign of life, in the coordination service's key-value store: each process counts up its own
-    key every `interval` seconds and watches the others'. A peer whose count stays still for `timeout` seconds, or
-    a coordinator that no longer answers, calls `on_death(reason)`.
+    key every `interval` seconds; process 0 watches the others' and they watch process 0's. A peer whose count stays
+    still for `timeout` seconds, or a coordinator that no longer answers, calls `on_death(reason)`.
 
     Why not JAX's own heartbeats: when they stop, JAX's coordination service aborts every survivor natively, and
     the callback it offers instead cannot be given from Python. JAX's heartbeat timeout is therefore set beyond
@@ -130,7 +131,9 @@ class PeerWatch(threading.Thread):
         self._stopped = threading.Event()
 
     def run(self) -> None:
-        peers = [p for p in range(self._count) if p != self._id]
+        # Process 0 watches every other process; they watch process 0, which ends when any of them dies: each
+        # death is seen everywhere, for a load on the coordinator that grows with the process count, not its square.
+        peers = [p for p in range(self._count) if p != self._id] if self._id == 0 else [0]
         seen: dict[int, tuple[str | None, float]] = {p: (None, time.monotonic()) for p in peers}
         beat = 0
         while not self._stopped.is_set():

@@ -63,6 +63,9 @@ def exclusive(workdir: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise _busy(workdir, fd) from None
+        except OSError as error:  # a filesystem without flock (Lustre mounted without -o flock, some FUSE ones)
+            raise UserError(f"cannot lock {os.path.join(workdir, LOCK_FILE)} ({error.strerror}): put --workdir on "
+                            "a filesystem that supports flock (docs/multihost.md)") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         try:

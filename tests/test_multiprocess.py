@@ -109,7 +109,7 @@ def test_two_processes_resume_bitwise_and_match_one_process_with_two_devices(tin
 
     # The reading tools load the two-process run's checkpoint in one process.
     evaluated = run_tool(IN_PROCESS, "mnist_jax.evaluate", "--workdir", tmp_path / "two", "--data-dir",
-                         tiny_data_dir, "--dataset", "tiny_digits")
+                         tiny_data_dir)
     assert evaluated.returncode == 0 and "checkpoint step 40" in evaluated.stdout, evaluated.stderr
     (tmp_path / "digit.png").write_bytes(digit_png(0))
     predicted = run_tool(IN_PROCESS, "mnist_jax.predict", "--workdir", tmp_path / "two", tmp_path / "digit.png")
