@@ -6,9 +6,10 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID describe the cluster explicitly; under SLUR
 `jax.distributed.initialize()` reads them from the scheduler. The bounds (docs/multihost.md):
 
 - joining: every process must have joined within MNIST_JAX_JOIN_TIMEOUT seconds, else a one-line error (exit 2);
-- a dead peer: a process that shows no sign of life for MNIST_JAX_HEARTBEAT_TIMEOUT seconds (`PeerWatch`), or a
-  coordinator that stops answering, makes each survivor print one line and exit with `PEER_DIED_EXIT` at once,
-  where JAX would abort with a native stack trace;
+- a dead peer: a process that shows no sign of life for MNIST_JAX_HEARTBEAT_TIMEOUT seconds (`PeerWatch`) makes
+  each survivor print one line and exit with `PEER_DIED_EXIT`, where JAX would abort with a native stack trace;
+  the coordinator's death aborts the others inside JAX's runtime at once, and `stderr_guard` turns that abort's
+  report into the same line;
 - the end: a finished process waits at most `SHUTDOWN_TIMEOUT` seconds for the others at JAX's exit barrier.
 """
 
@@ -116,7 +117,7 @@ class PeerWatch(threading.Thread):
     still for `timeout` seconds, or a coordinator that no longer answers, calls `on_death(reason)`.
 
     Why not JAX's own heartbeats: when they stop, JAX's coordination service aborts every survivor natively, and
-    the callback it offers instead cannot be given from Python. JAX's heartbeat timeout is therefore set beyond
+    the callback its client takes instead cannot be a Python function (the binding fails to pass it the status). JAX's heartbeat timeout is therefore set beyond
     this one (`join`), so this watch always speaks first. Counts, not clocks: hosts' clocks need not agree.
     """
 
