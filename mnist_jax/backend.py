@@ -220,7 +220,10 @@ class EpochRunner:
         if self._on_device:
             self._epoch = scan_epoch(train_step)
             return
-        self._take = jax.jit(steps.take_batch, out_shardings=sharding.batch_sharded(mesh))
+        # Each device gathers its own slice of the batch from its copy of the split, so no process sends another
+        # any images: a step's indices are split over the mesh like the batch, each process placing its part.
+        self._batch_sharding = sharding.batch_sharded(mesh)
+        self._take = jax.jit(steps.take_batch, out_shardings=self._batch_sharding)
         self._step = compile_for_backend(train_step, state, self._take(split, np.arange(batch_size)))
         self._settle = settle(mesh)
 
@@ -234,11 +237,11 @@ class EpochRunner:
             return state, {name: np.asarray(values) for name, values in jax.device_get(metrics).items()}
         from tqdm import tqdm
 
-        rows = np.asarray(permutation)  # each step's indices go to the device with it: no slicing dispatch
+        rows = np.asarray(permutation)  # each step's indices go to the devices with it: no slicing dispatch
         collected = []
         for indices in tqdm(rows, desc=description, leave=False, disable=not self._progress, unit="step",
                             file=sys.stderr, mininterval=1.0):
-            state, metrics = self._step(state, self._take(split, indices))
+            state, metrics = self._step(state, self._take(split, jax.device_put(indices, self._batch_sharding)))
             collected.append(self._settle(metrics))
         collected = jax.device_get(collected)
         return state, {name: np.asarray([m[name] for m in collected]) for name in collected[0]}

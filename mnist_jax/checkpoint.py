@@ -101,25 +101,33 @@ def _layer_renames(saved: Any, config: Config) -> dict[str, str]:
     return {}
 
 
-def _restore_step(manager: ocp.CheckpointManager, step: int, target: TrainState | None):
-    """(state tree, meta) of one checkpoint, laid out like `target`'s state, or without a target on this
-    process's first device (a checkpoint written on any device topology then loads for inference here)."""
+def _restore_step(manager: ocp.CheckpointManager, step: int, target: TrainState | None,
+                  placement: jax.sharding.Sharding | None = None):
+    """(state tree, meta) of one checkpoint, laid out like `target`'s state (on `placement` when given: each
+    process reads and places only its own devices' part), or without a target on this process's first device (a
+    checkpoint written on any device topology, by any number of processes, then loads for inference here)."""
     meta = read_meta(manager, step)
     saved = _saved_tree(manager, step)
     renames = _layer_renames(saved, Config.from_dict(meta["config"]))
     if target is not None:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_tree(target))
+        if placement is not None:
+            abstract = jax.tree_util.tree_map(
+                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placement)
+                if isinstance(leaf, jax.ShapeDtypeStruct) else leaf, abstract)  # a Python int (step) stays one
         abstract = rename_layers(abstract, {ours: theirs for theirs, ours in renames.items()})
     else:
-        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree_util.tree_map(
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device), saved)
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     return rename_layers(state, renames), meta
 
 
-def restore_latest(workdir: str, manager: ocp.CheckpointManager, target: TrainState):
-    """(state, meta) from the newest readable checkpoint, or None when there is none.
+def restore_latest(workdir: str, manager: ocp.CheckpointManager, target: TrainState,
+                   placement: jax.sharding.Sharding | None = None):
+    """(state, meta) from the newest readable checkpoint, or None when there is none; its arrays on `placement`
+    (default: where `target`'s are).
 
     A checkpoint that fails to restore is moved aside to `checkpoints-corrupt/` (never deleted) with a warning,
     and the previous one is tried: the run continues from the last good epoch instead of crashing or silently
@@ -127,7 +135,7 @@ def restore_latest(workdir: str, manager: ocp.CheckpointManager, target: TrainSt
     """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            tree, meta = _restore_step(manager, step, target)
+            tree, meta = _restore_step(manager, step, target, placement)
         except Exception as error:  # noqa: BLE001 -- any failure to read means this checkpoint is unusable.
             _quarantine(workdir, manager, step, error)
             continue

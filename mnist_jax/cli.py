@@ -113,10 +113,10 @@ def prepare_devices() -> None:
     describes a multi-host run. Before any JAX computation."""
     import jax
 
-    from mnist_jax import backend, sharding
+    from mnist_jax import backend, cluster
 
     backend.use_every_cpu_core()
-    if sharding.initialize_distributed():
+    if cluster.join_if_configured():
         print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices", flush=True)
 
 

@@ -1,37 +1,16 @@
-"""Data parallelism, stated in one place: a 1-D mesh over devices, batches split on 'data', the rest replicated;
-and joining a multi-host run. How many devices a CPU becomes is `backend.use_every_cpu_core`'s business."""
+"""Data parallelism, stated in one place: a 1-D mesh over devices, batches split on 'data', the rest replicated.
+How many devices a CPU becomes is `backend.use_every_cpu_core`'s business; joining a multi-process run,
+`cluster.py`'s."""
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mnist_jax.config import UserError
-
-
-def initialize_distributed() -> bool:
-    """Joins a multi-host run when the environment describes one; returns whether it did.
-
-    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID describe the cluster
-    explicitly; under SLURM or Open MPI, jax.distributed.initialize() reads them from the scheduler. After this,
-    jax.devices() spans every host and the mesh below covers them all.
-    """
-    explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
-    scheduled = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    if not (explicit or scheduled):
-        return False
-    if explicit:
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ.get("JAX_NUM_PROCESSES", "1")),
-            process_id=int(os.environ.get("JAX_PROCESS_ID", "0")),
-        )
-    else:
-        jax.distributed.initialize()
-    return True
 
 
 def is_primary_process() -> bool:
@@ -50,6 +29,11 @@ def default_device_count(*batch_sizes: int) -> int:
 def make_mesh(num_devices: int | None, *batch_sizes: int) -> Mesh:
     """A mesh over the first `num_devices` devices (None: as many as `default_device_count` allows)."""
     devices = jax.devices()
+    if jax.process_count() > 1:  # every process's devices take part, or some process would have nothing to run
+        if num_devices not in (None, len(devices)):
+            raise UserError(f"--devices must be left out of a {jax.process_count()}-process run (it uses all "
+                            f"{len(devices)} devices of its processes), got {num_devices}")
+        num_devices = len(devices)
     if num_devices is None:
         num_devices = default_device_count(*batch_sizes)
     if not 1 <= num_devices <= len(devices):
@@ -65,6 +49,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     """Batches: split along their leading (example) axis across the mesh's 'data' axis."""
     return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def place_replicated(tree: Any, mesh: Mesh) -> Any:
+    """`tree` with a full copy on every device of the mesh. Through host memory: each process then places its own
+    devices' copies, where a device-to-device put onto another process's devices would need cross-host transfers
+    that XLA:CPU does not offer. Every process must hold the same values (a run's state does: one seed)."""
+    return jax.device_put(jax.device_get(tree), replicated(mesh))
 
 
 def check_divisible(batch_size: int, mesh: Mesh, flag: str = "--batch-size") -> None:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mnist_jax import cli, workdir
+from mnist_jax import cli, sharding, workdir
 from mnist_jax.config import Config, RunOptions, UserError, validate
 from mnist_jax.training import train_and_evaluate
 
@@ -123,7 +123,8 @@ def save_or_check_plan(sweep_dir: str, plan: dict[str, Any]) -> None:
             raise UserError(f"{sweep_dir} holds another sweep (its {', '.join(differing)} differ); "
                             "use a new --workdir")
         return
-    workdir.write_atomic(path, json.dumps(plan, indent=2, sort_keys=True) + "\n")
+    if sharding.is_primary_process():  # in a multi-process sweep the others only check it
+        workdir.write_atomic(path, json.dumps(plan, indent=2, sort_keys=True) + "\n")
 
 
 def _jsonable(plan: dict[str, Any]) -> dict[str, Any]:
@@ -174,8 +175,8 @@ def collect(sweep_dir: str, trials: list[dict[str, Any]], configs: list[Config])
 
 
 def write_results(sweep_dir: str, rows: list[dict[str, Any]], names: list[str]) -> None:
-    """results.csv, results.md and sweep.png, each replaced atomically."""
-    if not rows:
+    """results.csv, results.md and sweep.png, each replaced atomically (by process 0 of a multi-process sweep)."""
+    if not rows or not sharding.is_primary_process():
         return
     columns = ["rank", "trial", *names, "validation_accuracy", "test_accuracy", "best_epoch", "epochs",
                "wall_seconds"]

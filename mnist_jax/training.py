@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax import backend, checkpoint, data, inference, sharding, steps, workdir
+from mnist_jax import backend, checkpoint, data, inference, runlock, sharding, steps, workdir
 from mnist_jax.augment import Augmentation, deskew, random_warp, training_augmentation
 from mnist_jax.config import Config, RunOptions, UserError, validate
 from mnist_jax.model import CNN, build_model
@@ -31,13 +31,22 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
     sharding.check_divisible(config.batch_size, mesh)
     sharding.check_divisible(config.eval_batch_size, mesh, "--eval-batch-size")
 
+    if jax.process_count() == 1:  # a busy workdir fails at once, before the data loads
+        runlock.check_free(options.workdir)
     dataset = data.load_dataset(config.dataset, options.data_dir, sharding.replicated(mesh), config.train_examples,
                                 config.seed, config.validation_fraction)
     num_train = int(dataset.train.labels.shape[0])
     if config.batch_size > num_train:
         raise UserError(f"--batch-size {config.batch_size} is larger than the training split ({num_train} examples)")
-    steps_per_epoch = num_train // config.batch_size
+    with runlock.held(options.workdir):  # before the first write to the workdir, until the run ends
+        return _train(config, options, started, mesh, dataset)
 
+
+def _train(config: Config, options: RunOptions, started: float, mesh, dataset: data.Dataset
+           ) -> list[dict[str, Any]]:
+    """`train_and_evaluate` once its inputs are checked and the workdir is this run's."""
+    num_train = int(dataset.train.labels.shape[0])
+    steps_per_epoch = num_train // config.batch_size
     model = build_model(config, dataset.num_classes, dataset.mean, dataset.std)
     schedule = learning_rate_schedule(config, steps_per_epoch)
     init_key, shuffle_key = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -52,7 +61,7 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
             _plot_augmentations(options.workdir, dataset, model, augmentation, jax.random.fold_in(shuffle_key, 0))
     manager = checkpoint.open_manager(options.workdir, keep=config.keep_checkpoints)
     history: list[dict[str, Any]] = []
-    restored = checkpoint.restore_latest(options.workdir, manager, state)
+    restored = checkpoint.restore_latest(options.workdir, manager, state, sharding.replicated(mesh))
     if restored is not None:
         state, meta = restored
         history = meta["history"]
@@ -66,7 +75,7 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
         manager.close()
         return history
 
-    state = jax.device_put(state, sharding.replicated(mesh))
+    state = sharding.place_replicated(state, mesh)
     meta_base = {
         "config": dataclasses.asdict(config),
         "class_names": list(dataset.class_names),
@@ -172,7 +181,7 @@ def _plot_augmentations(workdir_path: str, dataset: data.Dataset, model: CNN, au
     model deskews (its first layer sees them so)."""
     from mnist_jax.plots import plot_augmentations
 
-    originals = np.asarray(dataset.train.images[:8])
+    originals = np.asarray(dataset.train.images.addressable_data(0)[:8])  # this process's copy: no collective
     straighten = deskew if model.deskew else (lambda images: images)
     versions = [np.asarray(straighten(random_warp(k, originals, augmentation))).round().astype(np.uint8)
                 for k in jax.random.split(key, 3)]

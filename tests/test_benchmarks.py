@@ -118,3 +118,15 @@ def test_export_latency_times_every_exported_format_and_the_browser(tiny_run, ti
     for row in rows[2:]:
         assert 0 < float(row[2]) <= float(row[3])  # p50 <= p99
     assert rows[-1][4] == "-"  # no batch figure in the browser
+
+
+def test_multiprocess_throughput_times_both_configurations():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/multiprocess_throughput.py", "--batch-size", "8", "--steps", "2", "--windows",
+         "1", "--rounds", "1", "--json"], capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["configuration"] for r in rows] == ["2 processes x 1 device", "1 process x 2 devices"]
+    for row in rows:
+        assert row["batch_size"] == 8 and row["windows"] == 1 and row["cpu_vendor"] == backend.cpu_vendor()
+        assert 0 < row["slowest"] <= row["train_images_per_second"] <= row["fastest"]

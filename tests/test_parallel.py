@@ -95,7 +95,7 @@ def free_port():
 
 
 def test_distributed_initialisation_with_a_single_process(tiny_data_dir, tmp_path):
-    """What one machine allows of multi-host: a one-process cluster through jax.distributed.initialize()."""
+    """A one-process cluster through jax.distributed.initialize() (two processes: test_multiprocess.py)."""
     env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}
     result = run(["--workdir", tmp_path / "w", "--data-dir", tiny_data_dir, *TINY_FLAGS, "--epochs", "1"], env)
     assert result.returncode == 0, result.stderr

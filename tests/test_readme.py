@@ -24,8 +24,13 @@ README_MAX_LINES = 250
 TOOLS = ("mnist_jax.train", "mnist_jax.evaluate", "mnist_jax.predict", "mnist_jax.serve", "mnist_jax.sweep",
          "mnist_jax.transfer", "benchmarks/step_throughput.py", "benchmarks/fusion_choice.py",
          "benchmarks/serve_load.py", "benchmarks/predict_agreement.py", "benchmarks/transfer_study.py",
-         "benchmarks/batchnorm_choice.py", "mnist_jax.export", "benchmarks/export_latency.py")
-OTHER_PROGRAMS_FLAGS = {"--data-binary", "--directory"}  # curl's (the serve example), http.server's (deploy)
+         "benchmarks/batchnorm_choice.py", "benchmarks/multiprocess_throughput.py", "mnist_jax.export",
+         "benchmarks/export_latency.py")
+OTHER_PROGRAMS_FLAGS = {"--data-binary",  # curl's, in the serve example
+                        "--directory",  # http.server's, in docs/deploy.md
+                        # sbatch's, in docs/multihost.md's SLURM script
+                        "--job-name", "--nodes", "--ntasks-per-node", "--cpus-per-task", "--time", "--requeue",
+                        "--gpus-per-node"}
 FLAG_TABLE_HEADING = "### Every training flag"
 ENVIRONMENT_WORD = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
 
