@@ -19,8 +19,8 @@ import httpx
 import numpy as np
 import pytest
 
-from helpers import (IN_PROCESS, REPO, ServerProcess, TINY_FLAGS, TINY_RUN_FLAGS, cli_env, digit_png, read_jsonl, results,
-                     run_tool)
+from helpers import (IN_PROCESS, REPO, TINY_FLAGS, TINY_RUN_FLAGS, ServerProcess, cli_env, digit_png, read_jsonl,
+                     results, run_tool)
 from mnist_jax import cluster, runlock
 
 pytestmark = pytest.mark.e2e
