@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import TINY, digit_png, make_tiny_images, run_main_in_process, run_module, web_runtime_dir
+from helpers import (TINY, built_once, digit_png, make_tiny_images, run_main_in_process, run_module, shared_path,
+                     web_runtime_dir)
 
 FLOAT_FORMATS = ("tflite", "onnx", "savedmodel")
 LOCAL_FORMATS = "tflite,tflite_fp16,tflite_int8,onnx,savedmodel"  # all but web, which needs ONNX Runtime Web
@@ -25,14 +26,17 @@ def export_main(*args):
     return run_main_in_process(export.main, *args)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(tiny_run_in_process, tiny_data_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "out"
-    result = export_main("--workdir", tiny_run_in_process, "--formats", LOCAL_FORMATS, "--out", out,
-                         "--data-dir", tiny_data_dir)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    (out / "stdout.txt").write_text(result.stdout)
+    """tiny_run_in_process exported to every format but web, once per test session (the workers share it)."""
+    out = shared_path(tmp_path_factory, "export")
+    with built_once(out) as needed:
+        if needed:
+            result = export_main("--workdir", tiny_run_in_process, "--formats", LOCAL_FORMATS, "--out", out,
+                                 "--data-dir", tiny_data_dir)
+            assert result.returncode == 0, result.stderr
+            assert result.stderr == ""
+            (out / "stdout.txt").write_text(result.stdout)
     return out
 
 
@@ -179,6 +183,7 @@ def test_exporting_again_keeps_other_formats_of_the_same_checkpoint_only(exporte
     out = tmp_path / "out"
     shutil.copytree(exported, out)
     (out / "stdout.txt").unlink()
+    (out / ".done").unlink()
     same = export_main("--workdir", tiny_run_in_process, "--formats", "onnx", "--out", out, "--data-dir",
                        tiny_data_dir)
     assert same.returncode == 0, same.stderr
