@@ -310,9 +310,11 @@ def test_predict_model_errors(flags, message, exported, tmp_path) -> None:
 
 # --------------------------------------------------------------------------------------------- as users run it
 @pytest.mark.e2e
-def test_the_export_command_writes_every_format(tiny_run, tiny_data_dir, tmp_path) -> None:
-    result = run_module("mnist_jax.export", "--workdir", tiny_run, "--out", tmp_path, "--data-dir", tiny_data_dir,
-                        "--onnxruntime-web", web_runtime_dir())
+@pytest.mark.parametrize("run", ["tiny_run", "strong_tiny_run"])
+def test_the_export_command_writes_every_format(run, request, tiny_data_dir, tmp_path) -> None:
+    """The default layout, and `strong`'s (two convs per block, grouped batch norm, dropout, the moving average)."""
+    result = run_module("mnist_jax.export", "--workdir", request.getfixturevalue(run), "--out", tmp_path,
+                        "--data-dir", tiny_data_dir, "--onnxruntime-web", web_runtime_dir())
     assert result.returncode == 0, result.stderr
     formats = [entry["format"] for entry in manifest_of(tmp_path)["files"]]
     assert formats == ["tflite", "tflite_fp16", "tflite_int8", "onnx", "savedmodel", "web"]
@@ -325,6 +327,9 @@ def test_the_export_command_writes_every_format(tiny_run, tiny_data_dir, tmp_pat
     cached = json.loads(re.search(r"const FILES = (\[.*\]);", (tmp_path / "web" / "sw.js").read_text()).group(1))
     assert set(cached) == {"./"} | app - {"sw.js"}  # the offline copy: every file but the worker itself
     assert (tmp_path / "web" / "model.onnx").read_bytes() == (tmp_path / "model.onnx").read_bytes()
+    for entry in manifest_of(tmp_path)["files"]:
+        if entry["format"] in FLOAT_FORMATS:
+            assert entry["agreement_with_jax"] == 1.0 and entry["max_abs_probability_difference"] <= 1e-4
 
 
 @pytest.mark.e2e
