@@ -97,6 +97,6 @@ def to_onnx(module: CNN, variables: dict[str, Any], image_shape: tuple[int, ...]
         initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mnist_jax")
-    model.ir_version = 8  # the highest that ONNX Runtime Web's releases all read for this opset
+    model.ir_version = 8  # the lowest that opset 17 allows, so older ONNX Runtime builds read the file too
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()

@@ -9,6 +9,7 @@ still written.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -82,6 +83,8 @@ def export(workdir: str, checkpoint: str = "best", formats: tuple[str, ...] = FO
     out = out or os.path.join(workdir, "export")
     reference = reference_predictions(model, data.resolve_data_dir(data_dir))
     os.makedirs(out, exist_ok=True)
+    for leftover in glob.glob(os.path.join(out, ".staging-*")):  # an export killed before its clean-up
+        shutil.rmtree(leftover, ignore_errors=True)
     log(f"exporting checkpoint {model.step} of {workdir} -> {out} (JAX test accuracy {reference.accuracy:.2%} on "
         f"{len(reference.labels):,} images)")
     entries, failures = [], {}
@@ -149,9 +152,9 @@ def _export_one(name: str, model: RestoredModel, reference: Reference, out: str,
             with runtimes.quiet_native_stderr():
                 model_file = _write(name, model, reference, staged, onnxruntime_web)
             predicted = runtimes.load(model_file)(reference.images)
-        except (FormatFailed, UserError):
+        except FormatFailed:
             raise
-        except export_web.RuntimeMissing as error:
+        except (UserError, export_web.RuntimeMissing) as error:  # e.g. a file its runtime cannot load
             raise FormatFailed(str(error)) from None
         except Exception as error:  # noqa: BLE001  (converters raise many types; the cause is their message)
             raise FormatFailed(f"cannot be produced: {_first_line(error)}") from None

@@ -207,6 +207,7 @@ def test_a_format_that_cannot_be_made_leaves_nothing_and_the_others_are_written(
     out = tmp_path / "out"
     (out / "web").mkdir(parents=True)
     (out / "web" / "index.html").write_text("an earlier export")
+    (out / ".staging-onnx-killed").mkdir()  # what an export killed mid-way leaves
     result = export_main("--workdir", tiny_run_in_process, "--formats", "onnx,web", "--out", out,
                          "--data-dir", tiny_data_dir, "--onnxruntime-web", tmp_path / "nothing-here")
     assert result.returncode == 1
