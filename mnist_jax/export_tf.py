@@ -9,7 +9,6 @@ image; the SavedModel keeps the batch free.
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any, Callable, Iterable
 

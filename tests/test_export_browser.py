@@ -5,7 +5,6 @@ classifies real MNIST digits drawn stroke by stroke with no server behind it, pr
 from __future__ import annotations
 
 import base64
-import io
 import re
 import subprocess
 import sys
