@@ -39,11 +39,9 @@ def digest(images: np.ndarray, labels: np.ndarray) -> str:
     return hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
 
 
-def test_a_cached_split_is_read_back_without_decoding(cache, tiny_data_dir, monkeypatch):
-    """In this process (the fast tier's part of the next test): the first read caches the split, the next read
-    returns the same arrays without tfds decoding anything."""
-    import tensorflow_datasets as tfds
-
+def first_read_caches_the_split(cache, tiny_data_dir, monkeypatch):
+    """Reads the test split with the cache on: the arrays tfds decodes, and one cache entry for them. Returns what
+    tfds decoded."""
     expected = decoded_by_tfds("test", tiny_data_dir, monkeypatch)
     assert not cache.exists()  # off means off
     images, labels = load("test", tiny_data_dir)
@@ -51,6 +49,15 @@ def test_a_cached_split_is_read_back_without_decoding(cache, tiny_data_dir, monk
     np.testing.assert_array_equal(labels, expected[1])
     [entry] = cache.iterdir()
     assert entry.name.startswith("tiny_digits-1.0.0-test-") and entry.suffix == ".npz"
+    return expected
+
+
+def test_a_cached_split_is_read_back_without_decoding(cache, tiny_data_dir, monkeypatch):
+    """In this process (the fast tier's part of the next test): the first read caches the split, the next read
+    returns the same arrays without tfds decoding anything."""
+    import tensorflow_datasets as tfds
+
+    expected = first_read_caches_the_split(cache, tiny_data_dir, monkeypatch)
 
     def decoding(*args, **kwargs):
         pytest.fail("a cached split was decoded again")
@@ -62,14 +69,7 @@ def test_a_cached_split_is_read_back_without_decoding(cache, tiny_data_dir, monk
 
 @pytest.mark.e2e
 def test_a_new_process_reads_the_cached_split_without_tensorflow(cache, tiny_data_dir, monkeypatch):
-    expected = decoded_by_tfds("test", tiny_data_dir, monkeypatch)
-    assert not cache.exists()  # off means off
-    images, labels = load("test", tiny_data_dir)
-    np.testing.assert_array_equal(images, expected[0])
-    np.testing.assert_array_equal(labels, expected[1])
-    [entry] = cache.iterdir()
-    assert entry.name.startswith("tiny_digits-1.0.0-test-") and entry.suffix == ".npz"
-
+    expected = first_read_caches_the_split(cache, tiny_data_dir, monkeypatch)
     read = ("import sys; from mnist_jax import data; "
             f"images, labels = data.load_split_numpy({TINY!r}, 'test', {str(tiny_data_dir)!r}); "
             "import hashlib; print('tensorflow' in sys.modules, "
