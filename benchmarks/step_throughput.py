@@ -212,16 +212,19 @@ def run(batch_sizes, dtypes, steps_per_window: int, windows: int, implementation
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    header = f"{'implementation':<20} {'batch':>5} {'dtype':>8} {'train img/s':>12} {'eval img/s':>12} " \
-             f"{'compile s':>9} {'vs ref':>7}"
-    first = rows[0]
+def machine_line(first: dict, config: str) -> str:
+    """'backend cpu (cpu, GenuineIntel, AVX-512), YNNPACK fusions: ..., --config default': what the rows ran on."""
     vendor = f", {first['cpu_vendor']}" if first["cpu_vendor"] else ""
     avx512 = {True: ", AVX-512", False: ", no AVX-512", None: ""}[first["cpu_avx512"]]
     fusions = f"YNNPACK fusions: {first['ynn_fusions']}, " if first["ynn_fusions"] else ""
-    lines = [f"backend {first['backend']} ({first['device_kind']}{vendor}{avx512}), {fusions}"
-             f"--config {first['config']}",
-             header, "-" * len(header)]
+    return (f"backend {first['backend']} ({first['device_kind']}{vendor}{avx512}), {fusions}"
+            f"{config.format(first['config'])}")
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'implementation':<20} {'batch':>5} {'dtype':>8} {'train img/s':>12} {'eval img/s':>12} " \
+             f"{'compile s':>9} {'vs ref':>7}"
+    lines = [machine_line(rows[0], "--config {}"), header, "-" * len(header)]
     for r in rows:
         speedup = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-"
         lines.append(f"{r['implementation']:<20} {r['batch_size']:>5} {r['dtype']:>8} "
@@ -232,12 +235,7 @@ def format_table(rows: list[dict]) -> str:
 
 def format_markdown(rows: list[dict]) -> str:
     """The table as Markdown, under a line naming the backend, the CPU and the fusions (for docs/performance.md)."""
-    first = rows[0]
-    vendor = f", {first['cpu_vendor']}" if first["cpu_vendor"] else ""
-    avx512 = {True: ", AVX-512", False: ", no AVX-512", None: ""}[first["cpu_avx512"]]
-    fusions = f", YNNPACK fusions: {first['ynn_fusions']}" if first["ynn_fusions"] else ""
-    lines = [f"backend {first['backend']} ({first['device_kind']}{vendor}{avx512}){fusions}, "
-             f"`--config {first['config']}`", "",
+    lines = [machine_line(rows[0], "`--config {}`"), "",
              "| implementation | batch | dtype | train img/s | eval img/s | compile s | vs reference |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:

@@ -12,16 +12,21 @@ from helpers import REPO, cli_env
 
 pytestmark = pytest.mark.e2e  # every test here starts Python in a subprocess
 
+def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
+    """`python benchmarks/NAME.py args...` from the repository root, as the docs run it."""
+    return subprocess.run([sys.executable, f"benchmarks/{name}.py", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=cli_env(), timeout=300)
+
+
 FIELDS = {"implementation", "config", "batch_size", "dtype", "train_images_per_second", "eval_images_per_second",
           "compile_seconds", "backend", "device_kind", "speedup_vs_reference", "cpu_vendor", "cpu_avx512",
           "ynn_fusions"}
 
 
 def test_step_throughput_json_on_a_tiny_run():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/step_throughput.py", "--batch-sizes", "8", "--steps", "2", "--windows", "1",
-         "--cpu-devices", "2", "--implementations", "reference", "per_step", "on_device_epoch", "data_parallel",
-         "--json"], capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    result = run_benchmark("step_throughput", "--batch-sizes", "8", "--steps", "2", "--windows", "1",
+                           "--cpu-devices", "2", "--implementations", "reference", "per_step", "on_device_epoch",
+                           "data_parallel", "--json")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["implementation"] for r in rows] == ["reference", "per_step", "on_device_epoch", "data_parallel_x2"]
@@ -40,10 +45,8 @@ def test_step_throughput_json_on_a_tiny_run():
 
 
 def test_step_throughput_table():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/step_throughput.py", "--batch-sizes", "4", "--steps", "1", "--windows", "1",
-         "--implementations", "reference", "per_step", "--dtypes", "bfloat16"],
-        capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    result = run_benchmark("step_throughput", "--batch-sizes", "4", "--steps", "1", "--windows", "1",
+                           "--implementations", "reference", "per_step", "--dtypes", "bfloat16")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("backend cpu") and lines[0].endswith("--config default") and "train img/s" in lines[1]
@@ -52,10 +55,8 @@ def test_step_throughput_table():
 
 
 def test_step_throughput_of_a_batch_norm_preset_leaves_the_reference_out():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/step_throughput.py", "--config", "strong", "--batch-sizes", "4", "--steps", "1",
-         "--windows", "1", "--implementations", "reference", "per_step", "--json"],
-        capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    result = run_benchmark("step_throughput", "--config", "strong", "--batch-sizes", "4", "--steps", "1",
+                           "--windows", "1", "--implementations", "reference", "per_step", "--json")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["implementation"], r["config"]) for r in rows] == [("per_step", "strong")]
@@ -63,9 +64,8 @@ def test_step_throughput_of_a_batch_norm_preset_leaves_the_reference_out():
 
 
 def test_fusion_choice_times_every_candidate_and_marks_what_train_compiles_with():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/fusion_choice.py", "--batch-size", "8", "--steps", "1", "--rounds", "2",
-         "--cpu-devices", "2", "--json"], capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    result = run_benchmark("fusion_choice", "--batch-size", "8", "--steps", "1", "--rounds", "2", "--cpu-devices",
+                           "2", "--json")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["fusions"] for r in rows] == ["xla-defaults", "none", "dot,eltwise,reduce",
@@ -80,15 +80,13 @@ def test_fusion_choice_times_every_candidate_and_marks_what_train_compiles_with(
 
 
 def test_fusion_choice_rejects_bad_arguments():
-    result = subprocess.run([sys.executable, "benchmarks/fusion_choice.py", "--rounds", "0"],
-                            capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    result = run_benchmark("fusion_choice", "--rounds", "0")
     assert result.returncode == 2 and "must be positive" in result.stderr.splitlines()[-1]
 
 
 def test_batchnorm_choice_times_ours_against_flax_in_the_strong_step():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/batchnorm_choice.py", "--batch-size", "8", "--steps", "1", "--rounds", "2",
-         "--cpu-devices", "2", "--json"], capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    result = run_benchmark("batchnorm_choice", "--batch-size", "8", "--steps", "1", "--rounds", "2", "--cpu-devices",
+                           "2", "--json")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["batch_norm"] for r in rows] == ["mnist_jax BatchNorm", "flax.linen.BatchNorm"]
@@ -103,10 +101,8 @@ def test_export_latency_times_every_exported_format_and_the_browser(tiny_run, ti
     exported = run_module("mnist_jax.export", "--workdir", tiny_run, "--out", tmp_path, "--data-dir", tiny_data_dir,
                           "--formats", "tflite_int8,onnx,web", "--onnxruntime-web", web_runtime_dir())
     assert exported.returncode == 0, exported.stderr
-    result = subprocess.run(
-        [sys.executable, "benchmarks/export_latency.py", "--workdir", str(tiny_run), "--export", str(tmp_path),
-         "--data-dir", str(tiny_data_dir), "--images", "20", "--warmup", "2", "--browser", "--markdown"],
-        capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    result = run_benchmark("export_latency", "--workdir", str(tiny_run), "--export", str(tmp_path), "--data-dir",
+                           str(tiny_data_dir), "--images", "20", "--warmup", "2", "--browser", "--markdown")
     assert result.returncode == 0, result.stderr
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.stdout.splitlines()]
     assert rows[0] == ["format", "MB", "p50 ms", "p99 ms", "batch-256 img/s", "test accuracy"]
@@ -121,9 +117,8 @@ def test_export_latency_times_every_exported_format_and_the_browser(tiny_run, ti
 
 
 def test_multiprocess_throughput_times_both_configurations():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/multiprocess_throughput.py", "--batch-size", "8", "--steps", "2", "--windows",
-         "1", "--rounds", "1", "--json"], capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
+    result = run_benchmark("multiprocess_throughput", "--batch-size", "8", "--steps", "2", "--windows", "1",
+                           "--rounds", "1", "--json")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["configuration"] for r in rows] == ["2 processes x 1 device", "1 process x 2 devices"]
