@@ -17,9 +17,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from mnist_jax import drawing_page
+
 MODEL_FILE = "model.onnx"
 STATIC = resources.files("mnist_jax") / "static"
-APP_FILES = ("web/index.html", "web/manifest.webmanifest", "web/offline.js", "web/preprocess.js", "drawing.js",
+APP_FILES = ("web/manifest.webmanifest", "web/offline.js", "web/preprocess.js", "drawing.js",
              "style.css")
 # The CPU (WebAssembly SIMD) build and its loader; the WebGPU and other builds are not needed for a small CNN.
 RUNTIME_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
@@ -61,6 +63,12 @@ def write_web_folder(path: str, onnx_model: bytes, onnxruntime_web: str | None =
     target.mkdir(parents=True)
     for name in APP_FILES:
         (target / Path(name).name).write_bytes((STATIC / name).read_bytes())
+    (target / "index.html").write_text(drawing_page.render(
+        assets="", hint="Use your mouse, pen or finger. The model runs in this browser, also offline.",
+        scripts=["ort.wasm.min.js", "drawing.js", "preprocess.js", "offline.js"],
+        footer="Exported by mnist_jax: model.onnx, run by ONNX Runtime Web. No drawing leaves this device.",
+        head=['<meta name="theme-color" content="#1d2430">', '<link rel="manifest" href="manifest.webmanifest">',
+              '<link rel="icon" href="icon-192.png">', '<link rel="apple-touch-icon" href="icon-192.png">']))
     for name in RUNTIME_FILES:
         shutil.copyfile(runtime / name, target / name)
     (target / MODEL_FILE).write_bytes(onnx_model)

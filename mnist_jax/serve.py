@@ -22,11 +22,12 @@ from typing import Annotated, Any, Callable
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from mnist_jax import drawing_page
 from mnist_jax.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, MicroBatcher
 from mnist_jax.cli import ArgumentParser, run_cli
 from mnist_jax.config import UserError
@@ -162,9 +163,14 @@ def create_app(model: Any, predict: Callable[[np.ndarray], np.ndarray], max_body
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return error_response(422, "invalid request")
 
+    page = drawing_page.render(
+        assets="/static/", hint="Use your mouse, pen or finger. The model guesses as you draw.",
+        scripts=["drawing.js", "app.js"],
+        footer='JSON API: POST /api/predict, described in <a href="/openapi.json">/openapi.json</a>')
+
     @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(os.path.join(STATIC_DIR, "index.html"), headers={"Cache-Control": "no-cache"})
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz", response_model=Health, summary="Liveness and the checkpoint being served")
     async def healthz() -> dict[str, Any]:

@@ -3,6 +3,7 @@
 // static hosting does not give). Nothing is sent anywhere.
 "use strict";
 (() => {
+  document.body.dataset.model = "loading"; // "ready" or "failed" once the session is created
   ort.env.wasm.numThreads = 1;
   ort.env.wasm.wasmPaths = new URL("./", document.baseURI).href; // the .wasm beside this page, never a CDN
   window.mnistTimings = []; // milliseconds per session.run, read by the latency benchmark
