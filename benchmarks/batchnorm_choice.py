@@ -44,7 +44,7 @@ class FlaxBatchNormCNN(CNN):
         if not self.batch_norm:
             return x
         return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                            name=self._named(f"{layer}_bn"))(x)
+                            name=f"{layer}_bn")(x)
 
 
 VARIANTS = {"mnist_jax BatchNorm": CNN, "flax.linen.BatchNorm": FlaxBatchNormCNN}

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from mnist_jax import runtimes
+from mnist_jax.export import runtimes
 from mnist_jax.checkpoint import restore_model
 from mnist_jax.cli import quiet_libraries
 from mnist_jax.data import load_split_numpy, resolve_data_dir

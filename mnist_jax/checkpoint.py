@@ -3,15 +3,13 @@
 A checkpoint holds two items: `state` (params, batch statistics, optimiser state, step, PRNG key, and the moving
 average of the variables when the run keeps one) and `meta` (JSON: epoch, metrics history, normalisation constants,
 class names, config). Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
-killed mid-save leaves the previous checkpoint intact. Checkpoints written before the model's layers had names
-(linen's Conv_0, Dense_0, ...) restore too: their layers are renamed on the way in.
+killed mid-save leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 import sys
 import time
@@ -22,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mnist_jax.config import Config, UserError
-from mnist_jax.model import build_model, numbered_layer_names, rename_layers
+from mnist_jax.model import build_model
 from mnist_jax.steps import TrainState, model_variables
 
 CHECKPOINT_DIR = "checkpoints"
@@ -94,34 +92,25 @@ def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
     return ocp.StandardCheckpointer().metadata(os.path.join(manager.directory, str(step), "state")).item_metadata.tree
 
 
-def _layer_renames(saved: Any, config: Config) -> dict[str, str]:
-    """linen's automatic layer names -> ours, for a checkpoint written before the layers were named; else {}."""
-    if any(re.fullmatch(r"(Conv|Dense|BatchNorm)_\d+", name) for name in saved["params"]):
-        return numbered_layer_names(config)
-    return {}
-
-
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: TrainState | None,
                   placement: jax.sharding.Sharding | None = None):
     """(state tree, meta) of one checkpoint, laid out like `target`'s state (on `placement` when given: each
     process reads and places only its own devices' part), or without a target on this process's first device (a
     checkpoint written on any device topology, by any number of processes, then loads for inference here)."""
     meta = read_meta(manager, step)
-    saved = _saved_tree(manager, step)
-    renames = _layer_renames(saved, Config.from_dict(meta["config"]))
     if target is not None:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_tree(target))
         if placement is not None:
             abstract = jax.tree_util.tree_map(
                 lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placement)
                 if isinstance(leaf, jax.ShapeDtypeStruct) else leaf, abstract)  # a Python int (step) stays one
-        abstract = rename_layers(abstract, {ours: theirs for theirs, ours in renames.items()})
     else:
         one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree_util.tree_map(
-            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device), saved)
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
+            _saved_tree(manager, step))
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    return rename_layers(state, renames), meta
+    return state, meta
 
 
 def restore_latest(workdir: str, manager: ocp.CheckpointManager, target: TrainState,

@@ -113,7 +113,8 @@ def prepare_devices() -> None:
     describes a multi-host run. Before any JAX computation."""
     import jax
 
-    from mnist_jax import backend, cluster
+    from mnist_jax import backend
+    from mnist_jax.distributed import cluster
 
     backend.use_every_cpu_core()
     if cluster.join_if_configured():

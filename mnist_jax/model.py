@@ -3,8 +3,9 @@
 Default: conv 32 3x3 -> relu -> avg-pool 2 -> conv 64 3x3 -> relu -> avg-pool 2 -> dense 256 -> relu -> dense 10.
 The model takes raw uint8 pixels and normalises them itself, so training, evaluation, prediction and serving
 can never disagree about preprocessing. Its layers have names that say where they sit (`conv1_1` is block 1's
-first conv, `conv1_1_bn` its batch norm, `dense1` the first hidden dense layer, `head` the classifier), so
-transfer learning selects layers by name.
+first conv, `conv1_1_bn` its batch norm, `dense1` the first hidden dense layer, `dense1_dropout` its dropout,
+`head` the classifier), so transfer learning selects layers by name. linen derives each layer's initial weights and
+dropout masks from its name, so a seed's run depends on these names and on nothing else of the module's code.
 """
 
 from __future__ import annotations
@@ -43,9 +44,6 @@ class CNN(nn.Module):
     batch_norm_groups: int = 1
     deskew: bool = False  # remove each image's slant first, after any training augmentation
     dtype: str = "float32"  # computation dtype; parameters are float32 either way
-    # Layers named as linen numbers them (Conv_0, BatchNorm_0, Dense_0, ...) instead: only `initial_variables`
-    # uses it, because linen derives each layer's initial random draw from its name.
-    numbered_layers: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False,
@@ -60,7 +58,7 @@ class CNN(nn.Module):
         for block, width in enumerate(self.conv_features, start=1):
             for position in range(1, self.convs_per_block + 1):
                 name = f"conv{block}_{position}"
-                x = nn.Conv(width, kernel_size=(3, 3), dtype=self.dtype, name=self._named(name))(x)
+                x = nn.Conv(width, kernel_size=(3, 3), dtype=self.dtype, name=name)(x)
                 x = self._maybe_batch_norm(x, train, name)
                 x = nn.relu(x)
             pool = nn.max_pool if self.pooling == "max" else nn.avg_pool
@@ -68,21 +66,17 @@ class CNN(nn.Module):
         x = x.reshape((x.shape[0], -1))
         for number, width in enumerate(self.dense_features, start=1):
             name = f"dense{number}"
-            x = nn.Dense(width, dtype=self.dtype, name=self._named(name))(x)
+            x = nn.Dense(width, dtype=self.dtype, name=name)(x)
             x = self._maybe_batch_norm(x, train, name)
             x = nn.relu(x)
             if self.dropout_rate > 0:
-                # Unnamed: linen's `Dropout_0`, from which the dropout masks of every recorded run were drawn.
-                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name=self._named(HEAD))(x).astype(jnp.float32)
-
-    def _named(self, name: str) -> str | None:
-        return None if self.numbered_layers else name
+                x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"{name}_dropout")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name=HEAD)(x).astype(jnp.float32)
 
     def _maybe_batch_norm(self, x: jax.Array, train: bool, layer: str) -> jax.Array:
         if not self.batch_norm:
             return x
-        return BatchNorm(groups=self.batch_norm_groups, dtype=self.dtype, name=self._named(f"{layer}_bn"))(x, train)
+        return BatchNorm(groups=self.batch_norm_groups, dtype=self.dtype, name=f"{layer}_bn")(x, train)
 
 
 class BatchNorm(nn.Module):
@@ -150,43 +144,14 @@ def is_feature_layer(name: str) -> bool:
     return name.startswith("conv")
 
 
-def numbered_layer_names(model: CNN) -> dict[str, str]:
-    """linen's automatic name of each layer -> its name here: Conv_0 -> conv1_1, BatchNorm_0 -> conv1_1_bn,
-    Dense_0 -> dense1, the last Dense -> head. Checkpoints written before the layers were named use the former."""
-    convs = [f"conv{b}_{p}" for b in range(1, len(model.conv_features) + 1)
-             for p in range(1, model.convs_per_block + 1)]
-    denses = [f"dense{d}" for d in range(1, len(model.dense_features) + 1)]
-    names = {f"Conv_{i}": name for i, name in enumerate(convs)}
-    names.update({f"Dense_{i}": name for i, name in enumerate(denses + [HEAD])})
-    if model.batch_norm:  # linen numbers batch norms in call order: the convs' first, then the dense layers'
-        names.update({f"BatchNorm_{i}": f"{name}_bn" for i, name in enumerate(convs + denses)})
-    return names
-
-
-def rename_layers(tree: Any, names: dict[str, str]) -> Any:
-    """`tree` with every dict key found in `names` replaced by its value, at any depth: variables, and optimiser
-    states, whose moments are keyed by layer like the parameters."""
-    if isinstance(tree, dict):
-        return {names.get(key, key): rename_layers(value, names) for key, value in tree.items()}
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a NamedTuple, e.g. an optax state
-        return type(tree)(*(rename_layers(value, names) for value in tree))
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(rename_layers(value, names) for value in tree)
-    return tree
-
-
 @functools.partial(jax.jit, static_argnames=("model", "image_shape"))
 def initial_variables(model: CNN, key: jax.Array, image_shape: tuple[int, ...]) -> dict[str, Any]:
     """The model's initial variables, from one jitted program (the same bits as Flax's op-by-op `init`).
 
-    linen draws each layer's initial weights from a key derived from the layer's name, so they are drawn under
-    linen's automatic names, as every recorded run drew them, and renamed: a seed gives the run it always gave.
     The model is a static argument (linen modules hash by their fields), so a process that builds the same
     architecture again, as a sweep's trials or a resume do, reuses the program.
     """
-    numbered = model.clone(numbered_layers=True)
-    variables = numbered.init(key, jnp.zeros((1, *image_shape), jnp.uint8), train=False)
-    return rename_layers(variables, numbered_layer_names(model))
+    return model.init(key, jnp.zeros((1, *image_shape), jnp.uint8), train=False)
 
 
 def count_params(params: Any) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mnist_jax.checkpoint import restore_model
-from mnist_jax import runtimes
+from mnist_jax.export import runtimes
 from mnist_jax.cli import ArgumentParser, run_cli
 from mnist_jax.config import UserError
 from mnist_jax.images import ImageError, preprocess_file

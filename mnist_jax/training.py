@@ -16,7 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax import backend, checkpoint, data, inference, runlock, sharding, steps, workdir
+from mnist_jax import backend, checkpoint, data, inference, sharding, steps, workdir
+from mnist_jax.distributed import runlock
 from mnist_jax.augment import Augmentation, deskew, random_warp, training_augmentation
 from mnist_jax.config import Config, RunOptions, UserError, validate
 from mnist_jax.model import CNN, build_model

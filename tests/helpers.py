@@ -10,7 +10,7 @@ Library APIs that several test files use are reached through this module, so a c
   states it takes: `new_state`, `trained_state`, `optimizer`;
 - the training loop (`training.train_and_evaluate`, `config.RunOptions`): `train_run`, `train_in_process`.
 Outside it: test_parallel.py's two-device script makes its own step in its subprocess, and test_model.py,
-test_transfer.py and test_compatibility.py spell the layer names (conv1_1, ..., head; Conv_0, ... before the rename).
+test_transfer.py spell the layer names (conv1_1, ..., head).
 """
 
 from __future__ import annotations
@@ -181,7 +181,10 @@ def run_tool(way: str, module: str, *args, timeout: float = 300) -> subprocess.C
     if way == SUBPROCESS:
         return run_module(module, *args, timeout=timeout)
     assert way == IN_PROCESS, way
-    return run_main_in_process(importlib.import_module(module).main, *args)
+    tool = importlib.import_module(module)
+    if hasattr(tool, "__path__"):  # a package (export, serve): its command is its __main__
+        tool = importlib.import_module(f"{module}.__main__")
+    return run_main_in_process(tool.main, *args)
 
 
 class Way:
@@ -489,7 +492,7 @@ def settled_prediction(page) -> str:
 def web_runtime_dir() -> Path:
     """ONNX Runtime Web's files from `npm ci`; a test that needs them skips without, except in CI, which installs
     them (.ci/run), where their absence is a failure."""
-    from mnist_jax.export_web import RUNTIME_FILES, default_runtime_dir
+    from mnist_jax.export.webapp import RUNTIME_FILES, default_runtime_dir
 
     directory = default_runtime_dir()
     if not all((directory / name).is_file() for name in RUNTIME_FILES):

@@ -15,22 +15,33 @@ MEASUREMENT = re.compile(
     re.IGNORECASE)
 
 
+def module_name(path: Path) -> str:
+    """mnist_jax/export/pipeline.py -> mnist_jax.export.pipeline; a package's __init__.py -> the package."""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
 def imports_of(path: Path) -> set[str]:
-    """The package modules a module imports, at any depth (inside functions too)."""
+    """The package modules a module imports, at any depth (inside functions too): `from mnist_jax.export import
+    runtimes` names the module mnist_jax.export.runtimes, `from mnist_jax.config import Config` mnist_jax.config."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "mnist_jax":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mnist_jax."):
-            found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mnist_jax":
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in MODULES else node.module)
         elif isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("mnist_jax.")}
-    return found - {path.stem}
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "mnist_jax"}
+    return found - {module_name(path)}
 
 
 def test_no_module_imports_a_module_that_imports_it_back():
-    graph = {path.stem: imports_of(path) for path in PACKAGE.glob("*.py")}
-    assert graph["training"] >= {"steps", "backend", "checkpoint"}  # the graph is read, not empty
+    graph = {name: imports_of(path) for name, path in MODULES.items()}
+    assert graph["mnist_jax.training"] >= {"mnist_jax.steps", "mnist_jax.backend", "mnist_jax.checkpoint"}
+    assert "mnist_jax.export.runtimes" in graph["mnist_jax.export.pipeline"]  # subpackages are read too
 
     def reachable(start: str) -> set[str]:
         seen, stack = set(), [start]
@@ -66,8 +77,8 @@ def test_the_measurement_pattern_catches_what_it_is_for():
 
 
 def test_no_comment_or_docstring_carries_a_timing_a_speed_up_or_a_cpu_model():
-    found = [f"{path.name}:{line}: {match.group(0)!r}"
-             for path in sorted(PACKAGE.glob("*.py"))
+    found = [f"{path.relative_to(PACKAGE)}:{line}: {match.group(0)!r}"
+             for path in sorted(PACKAGE.rglob("*.py"))
              for line, text in comments_and_docstrings(path)
              for match in MEASUREMENT.finditer(text)]
     assert found == []

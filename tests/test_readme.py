@@ -49,6 +49,8 @@ def parser_of(tool: str) -> argparse.ArgumentParser:
             sys.path.remove(str(REPO / "benchmarks"))
     else:
         module = importlib.import_module(tool)
+        if hasattr(module, "__path__"):  # a package (export, serve): its command is its __main__
+            module = importlib.import_module(f"{tool}.__main__")
     built = []
 
     def stop(parser, args=None, namespace=None):

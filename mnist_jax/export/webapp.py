@@ -1,0 +1,91 @@
+"""The offline web app: the drawing page, model.onnx and ONNX Runtime Web's files, as plain static files.
+
+Any static host serves it (`python -m http.server`, GitHub Pages). The page preprocesses each drawing as
+`images.to_mnist` does and classifies it in the browser; a web app manifest and a service worker make it
+installable on a phone and usable offline after the first visit. ONNX Runtime Web comes from npm (`npm ci` in the
+repository installs the version package.json pins); its files are copied, never committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from mnist_jax.serve import page
+
+MODEL_FILE = "model.onnx"
+STATIC = page.STATIC
+APP_FILES = ("web/manifest.webmanifest", "web/offline.js", "web/preprocess.js", "drawing.js",
+             "style.css")
+# The CPU (WebAssembly SIMD) build and its loader; the WebGPU and other builds are not needed for a small CNN.
+RUNTIME_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+ICON_SIZES = (192, 512)
+RUNTIME_ENVIRONMENT = "MNIST_JAX_ONNXRUNTIME_WEB"
+
+
+class RuntimeMissing(Exception):
+    """ONNX Runtime Web's files are not where they were looked for."""
+
+
+def default_runtime_dir() -> Path:
+    """$MNIST_JAX_ONNXRUNTIME_WEB, else node_modules/onnxruntime-web/dist beside the package (`npm ci`)."""
+    if os.environ.get(RUNTIME_ENVIRONMENT):
+        return Path(os.environ[RUNTIME_ENVIRONMENT])
+    return Path(__file__).resolve().parents[2] / "node_modules" / "onnxruntime-web" / "dist"
+
+
+def runtime_dir(given: str | None) -> Path:
+    directory = Path(given) if given else default_runtime_dir()
+    missing = [name for name in RUNTIME_FILES if not (directory / name).is_file()]
+    if missing:
+        raise RuntimeMissing(f"ONNX Runtime Web not found in {directory} (missing {', '.join(missing)}): run "
+                             "`npm ci` in the repository, or pass --onnxruntime-web DIR")
+    return directory
+
+
+def onnxruntime_web_version(given: str | None) -> str:
+    """'onnxruntime-web X.Y.Z', from the package.json above the runtime's files."""
+    package = runtime_dir(given).parent / "package.json"
+    version = json.loads(package.read_text())["version"] if package.is_file() else "unknown version"
+    return f"onnxruntime-web {version}"
+
+
+def write_web_folder(path: str, onnx_model: bytes, onnxruntime_web: str | None = None) -> None:
+    """Writes the app into the (new) folder `path`."""
+    runtime = runtime_dir(onnxruntime_web)
+    target = Path(path)
+    target.mkdir(parents=True)
+    for name in APP_FILES:
+        (target / Path(name).name).write_bytes((STATIC / name).read_bytes())
+    (target / "index.html").write_text(page.render(
+        assets="", hint="Use your mouse, pen or finger. The model runs in this browser, also offline.",
+        scripts=["ort.wasm.min.js", "drawing.js", "preprocess.js", "offline.js"],
+        footer="Exported by mnist_jax: model.onnx, run by ONNX Runtime Web. No drawing leaves this device.",
+        head=['<meta name="theme-color" content="#1d2430">', '<link rel="manifest" href="manifest.webmanifest">',
+              '<link rel="icon" href="icon-192.png">', '<link rel="apple-touch-icon" href="icon-192.png">']))
+    for name in RUNTIME_FILES:
+        shutil.copyfile(runtime / name, target / name)
+    (target / MODEL_FILE).write_bytes(onnx_model)
+    for size in ICON_SIZES:
+        _icon(size).save(target / f"icon-{size}.png")
+    files = sorted(p.name for p in target.iterdir())
+    # The cache's name follows the model, so a new export replaces the offline copy of an old one.
+    cache = "mnist-jax-" + hashlib.sha256(onnx_model).hexdigest()[:16]
+    worker = (STATIC / "web" / "sw.js").read_text()
+    worker = worker.replace("__CACHE__", cache).replace("__FILES__", json.dumps(["./"] + files))
+    (target / "sw.js").write_text(worker)
+
+
+def _icon(size: int) -> Image.Image:
+    """The app's icon: a white 7 on the page's dark ink colour."""
+    icon = Image.new("RGB", (size, size), (29, 36, 48))
+    stroke = max(2, size // 12)
+    points = [(0.3, 0.28), (0.7, 0.28), (0.45, 0.75)]
+    ImageDraw.Draw(icon).line([(x * size, y * size) for x, y in points], fill=(255, 255, 255), width=stroke,
+                              joint="curve")
+    return icon
