@@ -128,14 +128,36 @@ def uses_on_device_epoch(platform_name: str) -> bool:
 # XLA:CPU leaves bias adds, pooling gradients and the optax update as separate loops; YNNPACK library fusions fold
 # them into multi-threaded dot and convolution kernels. Dots, elementwise ops and reductions pay on every CPU
 # measured. YNNPACK's own convolutions pay only on AMD CPUs with AVX-512, and there not for batch-norm models; on
-# other CPUs they are many times slower than XLA's.
+# other CPUs they are many times slower than XLA's. The rule was tuned on shared machines, so the user can
+# override it: MNIST_JAX_CPU_FUSIONS, or the same XLA option in XLA_FLAGS, which then wins.
 _YNN_FUSIONS = ("DOT", "ELTWISE", "REDUCE")
+YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+FUSIONS_VARIABLE = "MNIST_JAX_CPU_FUSIONS"  # auto (the rule below), none, or kinds: dot,eltwise,reduce,convolution
+FUSION_KINDS = {"dot": "DOT", "eltwise": "ELTWISE", "reduce": "REDUCE", "convolution": "INDIVIDUAL_CONVOLUTION"}
 
 
 def ynn_fusion_options(*kinds: str) -> dict[str, str]:
     """XLA:CPU compiler options that put these kinds of op (DOT, ELTWISE, REDUCE, INDIVIDUAL_CONVOLUTION) into
     YNNPACK library fusions; no kinds turns YNNPACK fusions off."""
-    return {"xla_cpu_experimental_ynn_fusion_type": ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in kinds)}
+    return {YNN_FUSION_OPTION: ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in kinds)}
+
+
+def chosen_fusions(environ: Mapping[str, str]) -> tuple[str, ...] | None:
+    """The YNNPACK fusion kinds MNIST_JAX_CPU_FUSIONS asks for: None for `auto` (or unset: the CPU rule), () for
+    `none`; a UserError for anything else than a comma-separated list of dot, eltwise, reduce, convolution."""
+    from mnist_jax.config import UserError
+
+    text = environ.get(FUSIONS_VARIABLE, "").strip().lower()
+    if text in ("", "auto"):
+        return None
+    if text == "none":
+        return ()
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in FUSION_KINDS]
+    if unknown:
+        raise UserError(f"{FUSIONS_VARIABLE}={environ[FUSIONS_VARIABLE]!r}: expected auto, none or a comma-separated "
+                        f"list of {', '.join(FUSION_KINDS)}")
+    return tuple(FUSION_KINDS[name] for name in dict.fromkeys(names))
 
 
 def _cpuinfo_value(key: str, cpuinfo_path: str) -> str | None:
@@ -162,16 +184,24 @@ def cpu_vendor(cpuinfo_path: str = "/proc/cpuinfo") -> str:
 
 
 def compiler_options(platform_name: str, batch_norm: bool = False, flags: frozenset[str] | None = None,
-                     vendor: str | None = None) -> dict[str, str]:
-    """XLA options for the step functions on this CPU (`flags` and `vendor`, default this machine's); none on
-    GPU/TPU.
+                     vendor: str | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """XLA options for the step functions on this CPU (`flags` and `vendor`, default this machine's; `environ`,
+    default this process's); none on GPU/TPU.
 
-    YNNPACK fusions of dots, elementwise ops and reductions; plus convolutions on AMD CPUs with AVX-512, where
-    batch-norm models keep XLA's defaults instead. The choice depends on the CPU alone, never on a timing, so a
-    seed gives one result on a machine. A CPU whose flags are unknown (not Linux, ARM) is treated as that AMD one.
+    The user's choice first: XLA_FLAGS that set the YNNPACK fusion option win (no option is passed, so XLA reads
+    theirs), then MNIST_JAX_CPU_FUSIONS. `auto` (the default) is the rule: YNNPACK fusions of dots, elementwise ops
+    and reductions; plus convolutions on AMD CPUs with AVX-512, where batch-norm models keep XLA's defaults
+    instead. The rule depends on the CPU alone, never on a timing, so a seed gives one result on a machine. A CPU
+    whose flags are unknown (not Linux, ARM) is treated as that AMD one.
     """
     if platform_name != "cpu":
         return {}
+    environ = os.environ if environ is None else environ
+    if YNN_FUSION_OPTION in environ.get("XLA_FLAGS", ""):
+        return {}
+    chosen = chosen_fusions(environ)
+    if chosen is not None:
+        return ynn_fusion_options(*chosen)
     flags = cpu_flags() if flags is None else flags
     vendor = cpu_vendor() if vendor is None else vendor
     if not flags or ("avx512f" in flags and vendor == "AuthenticAMD"):

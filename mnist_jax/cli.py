@@ -116,6 +116,7 @@ def prepare_devices() -> None:
     from mnist_jax import backend
     from mnist_jax.distributed import cluster
 
+    backend.chosen_fusions(os.environ)  # a bad MNIST_JAX_CPU_FUSIONS fails now, not after the data loads
     backend.use_every_cpu_core()
     if cluster.join_if_configured():
         print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices", flush=True)

@@ -2,7 +2,9 @@
 wait for each other, the XLA:CPU options per CPU, and the training tools' restart onto huge-page malloc."""
 
 import dataclasses
+import os
 import types
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +12,11 @@ import numpy as np
 import pytest
 
 from mnist_jax import backend, sharding, steps
-from mnist_jax.config import Config
+from mnist_jax.config import Config, UserError
 from mnist_jax.data import Split
+from mnist_jax.train import main as train_main
 
-from helpers import copy, fixed_batch, make_tiny_images, new_state, train_step
+from helpers import copy, fixed_batch, make_tiny_images, new_state, run_main_in_process, train_step
 
 
 def tiny_split(n: int = 96, seed: int = 1) -> Split:
@@ -119,6 +122,41 @@ def test_cpu_compiler_options_follow_the_cpu(flags, vendor, batch_norm, expected
         assert options == {"xla_cpu_experimental_ynn_fusion_type": ",".join(f"LIBRARY_FUSION_TYPE_{k}" for k in kinds)}
     assert backend.compiler_options("gpu", batch_norm=batch_norm, flags=flags, vendor=vendor) == {}
     assert backend.compiler_options("tpu", batch_norm=batch_norm, flags=flags, vendor=vendor) == {}
+
+
+@pytest.mark.parametrize("setting, kinds", [
+    ("auto", "DOT,ELTWISE,REDUCE,INDIVIDUAL_CONVOLUTION"),  # the rule, here for an AMD AVX-512 CPU
+    ("", "DOT,ELTWISE,REDUCE,INDIVIDUAL_CONVOLUTION"),
+    ("none", ""),
+    ("dot,reduce", "DOT,REDUCE"),
+    (" Convolution , dot,dot", "INDIVIDUAL_CONVOLUTION,DOT"),
+])
+def test_the_user_chooses_the_fusions(setting, kinds):
+    options = backend.compiler_options("cpu", flags=AVX512, vendor=AMD,
+                                       environ={backend.FUSIONS_VARIABLE: setting})
+    assert options == {backend.YNN_FUSION_OPTION: ",".join(f"LIBRARY_FUSION_TYPE_{k}" for k in kinds.split(",") if k)}
+    assert backend.compiler_options("gpu", environ={backend.FUSIONS_VARIABLE: setting}) == {}
+
+
+def test_xla_flags_that_set_the_fusions_win():
+    """No option is passed then, so XLA compiles with the value XLA_FLAGS gave it (compile options would win)."""
+    environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                            "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT",
+               backend.FUSIONS_VARIABLE: "dot,eltwise"}
+    assert backend.compiler_options("cpu", flags=AVX512, vendor=AMD, environ=environ) == {}
+    unrelated = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert backend.compiler_options("cpu", flags=AVX512, vendor=INTEL, environ=unrelated) == \
+        backend.ynn_fusion_options("DOT", "ELTWISE", "REDUCE")
+
+
+@pytest.mark.parametrize("setting", ["dots", "dot,,reduce", "fast"])
+def test_a_bad_fusion_setting_is_one_line_and_exit_2(setting, tmp_path):
+    with pytest.raises(UserError, match=f"MNIST_JAX_CPU_FUSIONS={setting!r}: expected auto, none or"):
+        backend.compiler_options("cpu", environ={backend.FUSIONS_VARIABLE: setting})
+    with mock.patch.dict(os.environ, {backend.FUSIONS_VARIABLE: setting}):
+        result = run_main_in_process(train_main, "--workdir", tmp_path / "w", "--epochs", "1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and setting in result.stderr, result.stderr
+    assert not (tmp_path / "w").exists()
 
 
 def test_cpu_flags_and_vendor_read_cpuinfo(tmp_path):
