@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from helpers import (CHROMIUM, CHROMIUM_ARGS, IN_PROCESS, SHARED_DATA, STRONG_TINY_FLAGS, SUBPROCESS, TINY_FLAGS, TINY_RUN_FLAGS,
-                     XLA_CACHE_VARIABLE, Way, built_once, refuse_python_subprocesses, shared_path, trained_once,
-                     write_tiny_dataset)
+                     XLA_CACHE_VARIABLE, Way, built_once, npm_pack, refuse_python_subprocesses, shared_path,
+                     trained_once, write_tiny_dataset)
 from mnist_jax.datacache import CACHE_VARIABLE as DATA_CACHE_VARIABLE
 
 
@@ -127,6 +127,19 @@ def mnist_run(tmp_path_factory, shared_data_dir) -> Path:
 def way(request) -> Way:
     """Runs a test both ways: in this process (fast tier) and through `python -m` subprocesses (e2e)."""
     return Way(request.param, request)
+
+
+# --------------------------------------------------------------------------------------------- ONNX Runtime Web
+@pytest.fixture(scope="session")
+def onnxruntime_web_tarball(tmp_path_factory) -> Path:
+    """The npm tarball of the ONNX Runtime Web version the package pins, as the registry serves it."""
+    from mnist_jax.export import webruntime
+
+    path = shared_path(tmp_path_factory, "npm-pack")
+    with built_once(path) as needed:
+        if needed:
+            npm_pack(webruntime.PACKAGE, webruntime.VERSION, path)
+    return path / f"{webruntime.PACKAGE}-{webruntime.VERSION}.tgz"
 
 
 # --------------------------------------------------------------------------------------------- a browser

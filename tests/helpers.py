@@ -19,14 +19,17 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import http.server
 import importlib
 import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -390,14 +393,16 @@ READY = re.compile(r"serving \S+ checkpoint (\d+) at (http://\S+)")
 
 
 class ServerProcess:
-    """`python -m mnist_jax.serve --port 0 ...` started, waited for (its ready line gives the URL), and stopped."""
+    """`python -m mnist_jax.serve --port 0 ...` started, waited for (its ready line gives the URL), and stopped;
+    this checkout's package unless `env` and `cwd` say otherwise."""
 
-    def __init__(self, workdir: Path, *args: str, log_dir: Path, timeout: float = 180) -> None:
+    def __init__(self, workdir: Path, *args: str, log_dir: Path, timeout: float = 180,
+                 env: dict[str, str] | None = None, cwd: Path = REPO) -> None:
         self.stdout_path, self.stderr_path = log_dir / "serve.stdout", log_dir / "serve.stderr"
         with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mnist_jax.serve", "--workdir", str(workdir), "--port", "0", *args],
-                stdout=stdout, stderr=stderr, env=cli_env(), cwd=REPO,
+                stdout=stdout, stderr=stderr, env=cli_env() if env is None else env, cwd=cwd,
             )
         deadline = time.monotonic() + timeout
         while not (match := READY.search(self.stdout_path.read_text())):
@@ -490,14 +495,68 @@ def settled_prediction(page) -> str:
 
 
 def web_runtime_dir() -> Path:
-    """ONNX Runtime Web's files from `npm ci`; a test that needs them skips without, except in CI, which installs
-    them (.ci/run), where their absence is a failure."""
-    from mnist_jax.export.webapp import RUNTIME_FILES, default_runtime_dir
+    """ONNX Runtime Web's files at the pinned version: $MNIST_JAX_ONNXRUNTIME_WEB, else `npm ci`'s in this checkout.
+    A test that needs them skips without, except in CI, which installs them (.ci/run), where their absence is a
+    failure."""
+    from mnist_jax.export import webruntime
 
-    directory = default_runtime_dir()
-    if not all((directory / name).is_file() for name in RUNTIME_FILES):
-        message = f"ONNX Runtime Web is not installed in {directory} (run `npm ci` in the repository)"
+    checkout = REPO / "node_modules" / webruntime.PACKAGE / "dist"
+    directory = Path(os.environ.get(webruntime.DIRECTORY_VARIABLE) or checkout)
+    try:
+        return webruntime.checked_dist(directory, "run `npm ci` in the repository")
+    except webruntime.RuntimeUnavailable as error:
         if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return directory
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+
+
+# --------------------------------------------------------------------------------------------- an npm registry
+def npm_pack(package: str, version: str, folder: Path) -> Path:
+    """The registry's own tarball of package@version, by `npm pack` (from npm's cache when it holds it, as after
+    `npm ci`); skips without npm, except in CI, which installs it (.ci/run)."""
+    if not shutil.which("npm"):
+        if os.environ.get("CI"):
+            pytest.fail("npm is not installed")
+        pytest.skip("npm is not installed (apt-get install -y npm)")
+    folder.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["npm", "pack", f"{package}@{version}", "--prefer-offline", "--silent",
+                             "--pack-destination", str(folder)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return folder / f"{package}-{version}.tgz"
+
+
+class StaticServer:
+    """A real HTTP server on 127.0.0.1, in a thread, serving the files under `folder` (as an npm registry serves
+    `NAME/-/NAME-VERSION.tgz`); `requested` lists the paths asked for."""
+
+    def __init__(self, folder: Path) -> None:
+        self.requested: list[str] = []
+        requested = self.requested
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+                requested.append(self.path)
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "StaticServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def npm_registry(root: Path, tarball: bytes, package: str, version: str) -> Path:
+    """A folder laid out as an npm registry serving one tarball at its standard path."""
+    path = root / package / "-" / f"{package}-{version}.tgz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(tarball)
+    return root

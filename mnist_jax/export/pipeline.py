@@ -1,6 +1,7 @@
 """Export: a checkpoint -> files that run without JAX, each verified by its own runtime, and `export.json`.
 
-Top to bottom: restore the model -> JAX's probabilities on the test split (the reference) -> per format: write it
+Top to bottom: restore the model -> find ONNX Runtime Web when `web` is asked for (`webruntime`; missing, it is bad
+input: nothing is written) -> JAX's probabilities on the test split (the reference) -> per format: write it
 into a staging folder, load it with its runtime, predict the whole test split, compare with JAX -> move it into
 place only when it passes -> the manifest. A format that fails leaves nothing under its name, and the others are
 still written.
@@ -17,12 +18,13 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from mnist_jax import data
-from mnist_jax.export import onnx_graph, runtimes, tf_formats, webapp
+from mnist_jax.export import onnx_graph, runtimes, tf_formats, webapp, webruntime
 from mnist_jax.checkpoint import RestoredModel, restore_model
 from mnist_jax.config import UserError
 from mnist_jax.inference import make_predict_fn
@@ -82,6 +84,7 @@ def export(workdir: str, checkpoint: str = "best", formats: tuple[str, ...] = FO
         raise UserError(f"export needs a model of 28x28 grayscale images; {workdir} holds one of "
                         f"{'x'.join(map(str, model.image_shape))}")
     out = out or os.path.join(workdir, "export")
+    web_runtime = webruntime.locate(onnxruntime_web, log=log) if "web" in formats else None
     reference = reference_predictions(model, data.resolve_data_dir(data_dir))
     os.makedirs(out, exist_ok=True)
     for leftover in glob.glob(os.path.join(out, ".staging-*")):  # an export killed before its clean-up
@@ -92,7 +95,7 @@ def export(workdir: str, checkpoint: str = "best", formats: tuple[str, ...] = FO
     for name in formats:
         started = time.time()
         try:
-            entry = _export_one(name, model, reference, out, onnxruntime_web)
+            entry = _export_one(name, model, reference, out, web_runtime)
         except FormatFailed as error:
             failures[name] = str(error)
             print(f"error: {name}: {error}", file=sys.stderr, flush=True)
@@ -143,7 +146,7 @@ def reference_predictions(model: RestoredModel, data_dir: str | None) -> Referen
 
 
 def _export_one(name: str, model: RestoredModel, reference: Reference, out: str,
-                onnxruntime_web: str | None) -> dict[str, Any]:
+                web_runtime: Path | None) -> dict[str, Any]:
     """Writes one format in a staging folder beside its final place, checks it, then moves it in."""
     final = os.path.join(out, FILE_NAMES[name])
     _remove(final)  # a format that fails now must not leave an older file that the manifest no longer lists
@@ -151,11 +154,11 @@ def _export_one(name: str, model: RestoredModel, reference: Reference, out: str,
         staged = os.path.join(staging, FILE_NAMES[name])
         try:
             with runtimes.quiet_native_stderr():
-                model_file = _write(name, model, reference, staged, onnxruntime_web)
+                model_file = _write(name, model, reference, staged, web_runtime)
             predicted = runtimes.load(model_file)(reference.images)
         except FormatFailed:
             raise
-        except (UserError, webapp.RuntimeMissing) as error:  # e.g. a file its runtime cannot load
+        except UserError as error:  # e.g. a file its runtime cannot load
             raise FormatFailed(str(error)) from None
         except Exception as error:  # noqa: BLE001  (converters raise many types; the cause is their message)
             raise FormatFailed(f"cannot be produced: {_first_line(error)}") from None
@@ -164,11 +167,11 @@ def _export_one(name: str, model: RestoredModel, reference: Reference, out: str,
     entry.update(format=name, path=FILE_NAMES[name] + ("/" if os.path.isdir(final) else ""), bytes=_size(final),
                  sha256=_sha256(final))
     if name == "web":
-        entry["browser_runtime"] = webapp.onnxruntime_web_version(onnxruntime_web)
+        entry["browser_runtime"] = f"{webruntime.PACKAGE} {webruntime.VERSION}"
     return entry
 
 
-def _write(name: str, model: RestoredModel, reference: Reference, path: str, onnxruntime_web: str | None) -> str:
+def _write(name: str, model: RestoredModel, reference: Reference, path: str, web_runtime: Path | None) -> str:
     """Writes format `name` at `path`; returns the model file its runtime loads."""
     if name in tf_formats.TFLITE_KINDS:
         content = tf_formats.tflite_bytes(model.module, model.variables, model.image_shape, name, reference.calibration)
@@ -191,7 +194,7 @@ def _write(name: str, model: RestoredModel, reference: Reference, path: str, onn
         with open(path, "wb") as file:
             file.write(onnx_bytes)
         return path
-    webapp.write_web_folder(path, onnx_bytes, onnxruntime_web)
+    webapp.write_web_folder(path, onnx_bytes, web_runtime)
     return os.path.join(path, webapp.MODEL_FILE)
 
 

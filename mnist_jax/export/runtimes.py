@@ -1,6 +1,7 @@
 """Exported models run by their own runtimes, as a user's app would run them: LiteRT for .tflite, ONNX Runtime
 for .onnx, TensorFlow for a SavedModel. Each gives `predict(uint8 images (N, H, W, C)) -> probabilities (N,
-classes)`, so export's verification, `predict --model` and the latency benchmark share one way in.
+classes)`, so export's verification, `predict --model` and the latency benchmark share one way in. LiteRT and ONNX
+Runtime come with the `[export]` extra (TensorFlow is in the core); each is imported only when a file needs it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from mnist_jax import extras
 from mnist_jax.config import UserError
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 RUNTIME_PACKAGES = {"tflite": "ai-edge-litert", "onnx": "onnxruntime", "savedmodel": "tensorflow-cpu"}
+EXTRA_RUNTIMES = {"tflite": "ai_edge_litert", "onnx": "onnxruntime"}  # the modules the [export] extra brings
 
 
 def runtime_kind(path: str) -> str:
@@ -41,6 +44,8 @@ def load(path: str, threads: int | None = None) -> PredictFn:
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file")
     kind = runtime_kind(path)
+    if kind in EXTRA_RUNTIMES:
+        extras.require("export", f"running {path}", [EXTRA_RUNTIMES[kind]])
     try:
         return {"tflite": _tflite, "onnx": _onnx, "savedmodel": _savedmodel}[kind](path, threads)
     except UserError:

@@ -2,62 +2,31 @@
 
 Any static host serves it (`python -m http.server`, GitHub Pages). The page preprocesses each drawing as
 `images.to_mnist` does and classifies it in the browser; a web app manifest and a service worker make it
-installable on a phone and usable offline after the first visit. ONNX Runtime Web comes from npm (`npm ci` in the
-repository installs the version package.json pins); its files are copied, never committed.
+installable on a phone and usable offline after the first visit. ONNX Runtime Web's files, at the version
+package-lock.json pins, are copied from where `webruntime.locate` finds them; they are never committed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from mnist_jax.export.webruntime import RUNTIME_FILES
 from mnist_jax.serve import page
 
 MODEL_FILE = "model.onnx"
 STATIC = page.STATIC
 APP_FILES = ("web/manifest.webmanifest", "web/offline.js", "web/preprocess.js", "drawing.js",
              "style.css")
-# The CPU (WebAssembly SIMD) build and its loader; the WebGPU and other builds are not needed for a small CNN.
-RUNTIME_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 ICON_SIZES = (192, 512)
-RUNTIME_ENVIRONMENT = "MNIST_JAX_ONNXRUNTIME_WEB"
 
 
-class RuntimeMissing(Exception):
-    """ONNX Runtime Web's files are not where they were looked for."""
-
-
-def default_runtime_dir() -> Path:
-    """$MNIST_JAX_ONNXRUNTIME_WEB, else node_modules/onnxruntime-web/dist beside the package (`npm ci`)."""
-    if os.environ.get(RUNTIME_ENVIRONMENT):
-        return Path(os.environ[RUNTIME_ENVIRONMENT])
-    return Path(__file__).resolve().parents[2] / "node_modules" / "onnxruntime-web" / "dist"
-
-
-def runtime_dir(given: str | None) -> Path:
-    directory = Path(given) if given else default_runtime_dir()
-    missing = [name for name in RUNTIME_FILES if not (directory / name).is_file()]
-    if missing:
-        raise RuntimeMissing(f"ONNX Runtime Web not found in {directory} (missing {', '.join(missing)}): run "
-                             "`npm ci` in the repository, or pass --onnxruntime-web DIR")
-    return directory
-
-
-def onnxruntime_web_version(given: str | None) -> str:
-    """'onnxruntime-web X.Y.Z', from the package.json above the runtime's files."""
-    package = runtime_dir(given).parent / "package.json"
-    version = json.loads(package.read_text())["version"] if package.is_file() else "unknown version"
-    return f"onnxruntime-web {version}"
-
-
-def write_web_folder(path: str, onnx_model: bytes, onnxruntime_web: str | None = None) -> None:
-    """Writes the app into the (new) folder `path`."""
-    runtime = runtime_dir(onnxruntime_web)
+def write_web_folder(path: str, onnx_model: bytes, runtime: Path) -> None:
+    """Writes the app into the (new) folder `path`, with ONNX Runtime Web's files from `runtime` (its `dist/`)."""
     target = Path(path)
     target.mkdir(parents=True)
     for name in APP_FILES:

@@ -1,12 +1,13 @@
 """`python -m mnist_jax.serve --workdir DIR`: a drawing page that classifies digits live, and a JSON API.
 
-The server itself is `app.serve`; this command parses its flags.
+The server itself is `app.serve`; this command parses its flags. It needs the `[serve]` extra, and without it says
+so in one line (`extras`), so nothing here imports the web framework before that check.
 """
 
 from __future__ import annotations
 
+from mnist_jax import extras
 from mnist_jax.cli import ArgumentParser, run_cli
-from mnist_jax.serve.app import serve
 from mnist_jax.serve.batching import DEFAULT_MAX_BATCH
 
 
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
                         help=f"most requests predicted in one call (default: {DEFAULT_MAX_BATCH})")
     args = parser.parse_args(argv)
+    extras.require("serve", "serve")
+    from mnist_jax.serve.app import serve
+
     serve(args.workdir, args.host, args.port, args.checkpoint, args.max_body_bytes, args.max_batch)
     return 0
 

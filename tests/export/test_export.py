@@ -203,20 +203,25 @@ def test_exporting_again_keeps_other_formats_of_the_same_checkpoint_only(exporte
 
 # --------------------------------------------------------------------------------------------- failures
 def test_a_format_that_cannot_be_made_leaves_nothing_and_the_others_are_written(
-        tiny_run_in_process, tiny_data_dir, tmp_path) -> None:
+        tiny_run_in_process, tiny_data_dir, tmp_path, monkeypatch) -> None:
+    from mnist_jax.checkpoint import restore_model
+    from mnist_jax.export import pipeline as exporting
+
+    # The run's model with the deskewing warp, which the ONNX writer refuses and the SavedModel holds.
+    model = restore_model(str(tiny_run_in_process))
+    deskewing = dataclasses.replace(model, module=model.module.clone(deskew=True))
+    monkeypatch.setattr(exporting, "restore_model", lambda workdir, checkpoint: deskewing)
     out = tmp_path / "out"
-    (out / "web").mkdir(parents=True)
-    (out / "web" / "index.html").write_text("an earlier export")
+    out.mkdir()
+    (out / "model.onnx").write_text("an earlier export")
     (out / ".staging-onnx-killed").mkdir()  # what an export killed mid-way leaves
-    result = export_main("--workdir", tiny_run_in_process, "--formats", "onnx,web", "--out", out,
-                         "--data-dir", tiny_data_dir, "--onnxruntime-web", tmp_path / "nothing-here")
+    result = export_main("--workdir", tiny_run_in_process, "--formats", "onnx,savedmodel", "--out", out,
+                         "--data-dir", tiny_data_dir)
     assert result.returncode == 1
-    assert result.stderr.splitlines() == [f"error: web: ONNX Runtime Web not found in {tmp_path / 'nothing-here'} "
-                                          "(missing ort.wasm.min.js, ort-wasm-simd-threaded.mjs, "
-                                          "ort-wasm-simd-threaded.wasm): run `npm ci` in the repository, or pass "
-                                          "--onnxruntime-web DIR"]
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
-    assert [entry["format"] for entry in manifest_of(out)["files"]] == ["onnx"]
+    assert result.stderr.splitlines() == ["error: onnx: --deskew models are not supported (the deskewing warp has no "
+                                          "ONNX form here)"]
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "savedmodel"]
+    assert [entry["format"] for entry in manifest_of(out)["files"]] == ["savedmodel"]
 
 
 def test_a_format_that_disagrees_with_jax_is_not_kept(tiny_run_in_process, tiny_data_dir, tmp_path,
@@ -238,7 +243,8 @@ def test_a_format_that_disagrees_with_jax_is_not_kept(tiny_run_in_process, tiny_
     assert not (tmp_path / "model.onnx").exists() and manifest_of(tmp_path)["files"] == []
 
 
-@pytest.mark.parametrize("case", ["missing workdir", "unknown format", "not 28x28 grayscale", "bad checkpoint"])
+@pytest.mark.parametrize("case", ["missing workdir", "unknown format", "not 28x28 grayscale", "bad checkpoint",
+                                  "no web runtime"])
 def test_bad_inputs_get_one_line_and_exit_2(case, tiny_run_in_process, tiny_data_dir, tmp_path,
                                              monkeypatch) -> None:
     args = ["--workdir", tiny_run_in_process, "--data-dir", tiny_data_dir, "--out", tmp_path / "out"]
@@ -247,6 +253,9 @@ def test_bad_inputs_get_one_line_and_exit_2(case, tiny_run_in_process, tiny_data
         "unknown format": r"error: --formats: unknown format tflite_int4 \(choose from all, tflite, .*",
         "not 28x28 grayscale": r"error: export needs a model of 28x28 grayscale images; .* holds one of 28x28x3",
         "bad checkpoint": r"error: --checkpoint must be best, latest or one of the saved steps .*",
+        "no web runtime": (rf"error: ONNX Runtime Web not found in {re.escape(str(tmp_path / 'nothing-here'))} "
+                           r"\(missing ort.wasm.min.js, ort-wasm-simd-threaded.mjs, ort-wasm-simd-threaded.wasm\): "
+                           r"pass the dist folder of onnxruntime-web 1\.\d+\.\d+ to --onnxruntime-web"),
     }[case]
     if case == "missing workdir":
         args[1] = tmp_path / "nowhere"
@@ -254,6 +263,8 @@ def test_bad_inputs_get_one_line_and_exit_2(case, tiny_run_in_process, tiny_data
         args += ["--formats", "onnx,tflite_int4"]
     elif case == "bad checkpoint":
         args += ["--checkpoint", "12345"]
+    elif case == "no web runtime":
+        args += ["--formats", "onnx,web", "--onnxruntime-web", tmp_path / "nothing-here"]
     else:
         from mnist_jax.export import pipeline as exporting
         from mnist_jax.checkpoint import restore_model
