@@ -82,8 +82,26 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return dataclasses.replace(base, **{name: getattr(args, name) for name in flags_given(args)})
 
 
+def invoked_as(prog: str) -> str:
+    """A tool's name as the user typed it: `python -m mnist_jax.train` is `mnist-jax train` in a process started by
+    the installed command (and `python -m mnist_jax train` by its module form); any other name stays."""
+    tool = prog.removeprefix("python -m mnist_jax.")
+    started_by = os.path.normpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if tool == prog:
+        return prog
+    if os.path.basename(started_by) == "mnist-jax":
+        return f"mnist-jax {tool}"
+    if started_by.endswith(os.path.join("mnist_jax", "__main__.py")):
+        return f"python -m mnist_jax {tool}"
+    return prog
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2 without the usage dump."""
+    """argparse, but a usage error is one line and exit code 2 without the usage dump, and the usage names the
+    command as it was typed (`invoked_as`)."""
+
+    def __init__(self, *args: Any, prog: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, prog=invoked_as(prog) if prog else None, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
