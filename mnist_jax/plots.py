@@ -183,11 +183,12 @@ def plot_class_balance(counts: dict[str, ArrayLike], class_names: list[str], pat
         axes.bar(positions + offset, split_counts, bar_width, color=colour,
                  label=f"{split} ({int(split_counts.sum()):,} examples)")
     axes.set_xticks(positions, labels=class_names)
+    axes.set_ylim(0.0, 1.25 * max(max(np.max(c) for c in counts.values()), 1))  # headroom: the legend covers no bar
     axes.set_xlabel("Class")
     axes.set_ylabel("Examples")
     axes.set_title("Examples per class")
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(loc="lower right")
+    axes.legend(loc="upper center", ncols=len(counts))
     _save_atomically(figure, path)
 
 
