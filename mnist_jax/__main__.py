@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import NamedTuple
 
-PROG = "mnist-jax"
+from mnist_jax.cli import INSTALLED_COMMAND as PROG, run_cli  # light: cli imports no JAX
 
 
 class Command(NamedTuple):
@@ -60,8 +60,6 @@ def main(argv: list[str] | None = None) -> None:
         from mnist_jax.backend import restart_with_huge_pages
 
         restart_with_huge_pages()  # replaces this process with the same command line when it applies
-    from mnist_jax.cli import run_cli
-
     run_cli(importlib.import_module(command.module).main, argv[1:])
 
 

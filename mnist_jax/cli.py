@@ -82,16 +82,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return dataclasses.replace(base, **{name: getattr(args, name) for name in flags_given(args)})
 
 
+INSTALLED_COMMAND = "mnist-jax"  # the console script (pyproject.toml), `mnist_jax/__main__.py`
+
+
 def invoked_as(prog: str) -> str:
     """A tool's name as the user typed it: `python -m mnist_jax.train` is `mnist-jax train` in a process started by
     the installed command (and `python -m mnist_jax train` by its module form); any other name stays."""
     tool = prog.removeprefix("python -m mnist_jax.")
-    started_by = os.path.normpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if tool == prog:
         return prog
-    if os.path.basename(started_by) == "mnist-jax":
-        return f"mnist-jax {tool}"
-    if started_by.endswith(os.path.join("mnist_jax", "__main__.py")):
+    started_by = os.path.normpath(sys.argv[0]).split(os.sep)[-2:] if sys.argv and sys.argv[0] else []
+    if started_by[-1:] == [INSTALLED_COMMAND]:
+        return f"{INSTALLED_COMMAND} {tool}"
+    if started_by == ["mnist_jax", "__main__.py"]:
         return f"python -m mnist_jax {tool}"
     return prog
 

@@ -70,7 +70,9 @@ def test_a_command_runs_under_the_error_contract_with_its_typed_name(capsys, mon
 def test_usage_names_the_command_as_it_was_typed(monkeypatch):
     for argv0, expected in (("/venv/bin/mnist-jax", "mnist-jax evaluate"),
                             (os.path.join("site", "mnist_jax", "__main__.py"), "python -m mnist_jax evaluate"),
-                            (os.path.join("site", "mnist_jax", "evaluate.py"), "python -m mnist_jax.evaluate")):
+                            (os.path.join("site", "mnist_jax", "evaluate.py"), "python -m mnist_jax.evaluate"),
+                            (os.path.join("site", "mnist_jax", "serve", "__main__.py"), "python -m mnist_jax.evaluate"),
+                            ("", "python -m mnist_jax.evaluate")):
         monkeypatch.setattr(sys, "argv", [argv0])
         assert cli.invoked_as("python -m mnist_jax.evaluate") == expected
         assert cli.invoked_as("python benchmarks/x.py") == "python benchmarks/x.py"
