@@ -82,8 +82,29 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return dataclasses.replace(base, **{name: getattr(args, name) for name in flags_given(args)})
 
 
+INSTALLED_COMMAND = "mnist-jax"  # the console script (pyproject.toml), `mnist_jax/__main__.py`
+
+
+def invoked_as(prog: str) -> str:
+    """A tool's name as the user typed it: `python -m mnist_jax.train` is `mnist-jax train` in a process started by
+    the installed command (and `python -m mnist_jax train` by its module form); any other name stays."""
+    tool = prog.removeprefix("python -m mnist_jax.")
+    if tool == prog:
+        return prog
+    started_by = os.path.normpath(sys.argv[0]).split(os.sep)[-2:] if sys.argv and sys.argv[0] else []
+    if started_by[-1:] == [INSTALLED_COMMAND]:
+        return f"{INSTALLED_COMMAND} {tool}"
+    if started_by == ["mnist_jax", "__main__.py"]:
+        return f"python -m mnist_jax {tool}"
+    return prog
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2 without the usage dump."""
+    """argparse, but a usage error is one line and exit code 2 without the usage dump, and the usage names the
+    command as it was typed (`invoked_as`)."""
+
+    def __init__(self, *args: Any, prog: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, prog=invoked_as(prog) if prog else None, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")

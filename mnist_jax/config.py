@@ -219,6 +219,7 @@ class RunOptions:
     devices: int | None = None  # None: every device JAX sees
     progress: bool = True
     plots: bool = True
+    tensorboard: bool = True  # event files in WORKDIR/tensorboard/ (summaries.py)
     # The initial state of a fresh run, (steps.TrainState, data.Dataset) -> steps.TrainState, from the freshly
     # initialised state and the data (transfer learning sets it; typed loosely because config imports nothing of
     # ours). Called only when no checkpoint exists: a resumed run's state comes from its own checkpoints.

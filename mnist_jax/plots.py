@@ -88,8 +88,19 @@ def _image_grid(
     return figure
 
 
+def figure_pixels(figure: Figure) -> np.ndarray:
+    """A figure rendered as (height, width, 3) uint8 RGB pixels, for image summaries."""
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+
+
 def plot_curves(history: list[dict[str, float]], path: str | os.PathLike[str]) -> None:
     """Loss and accuracy per epoch for train/test (and validation when recorded)."""
+    _save_atomically(curves_figure(history), path)
+
+
+def curves_figure(history: list[dict[str, float]]) -> Figure:
+    """`plot_curves`' figure."""
     if not history:
         raise ValueError("history is empty: nothing to plot")
     epochs = [entry["epoch"] for entry in history]
@@ -110,11 +121,16 @@ def plot_curves(history: list[dict[str, float]], path: str | os.PathLike[str]) -
         axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axes.grid(alpha=0.3)
         axes.legend()
-    _save_atomically(figure, path)
+    return figure
 
 
 def plot_confusion_matrix(matrix: ArrayLike, class_names: list[str], path: str | os.PathLike[str]) -> None:
     """Confusion matrix heat map with the count written in every cell; rows are true classes."""
+    _save_atomically(confusion_matrix_figure(matrix, class_names), path)
+
+
+def confusion_matrix_figure(matrix: ArrayLike, class_names: list[str]) -> Figure:
+    """`plot_confusion_matrix`'s figure."""
     counts = np.asarray(matrix)
     num_classes = len(class_names)
     if counts.shape != (num_classes, num_classes):
@@ -137,6 +153,42 @@ def plot_confusion_matrix(matrix: ArrayLike, class_names: list[str], path: str |
     total = counts.sum()
     accuracy = np.trace(counts) / total if total else 0.0
     axes.set_title(f"Confusion matrix ({total:g} examples, accuracy {accuracy:.2%})")
+    return figure
+
+
+def plot_examples(images: ArrayLike, labels: ArrayLike, class_names: list[str], path: str | os.PathLike[str],
+                  columns: int = 8, title: str = "Examples") -> None:
+    """A grid of images, each titled with its class."""
+    batch = _as_image_batch(images)
+    labels = np.asarray(labels).reshape(-1)
+    if len(batch) != len(labels) or len(batch) == 0:
+        raise ValueError(f"expected as many labels as images (at least one), got {len(labels)} and {len(batch)}")
+    figure = _image_grid(batch, [class_names[label] for label in labels], [CORRECT_COLOUR] * len(batch), columns,
+                         title)
+    _save_atomically(figure, path)
+
+
+def plot_class_balance(counts: dict[str, ArrayLike], class_names: list[str], path: str | os.PathLike[str]) -> None:
+    """Examples per class in each split ({split name: counts}), as grouped bars, each split labelled with its size."""
+    positions = np.arange(len(class_names))
+    bar_width = 0.8 / max(1, len(counts))
+    figure = _new_figure(max(6.0, 0.6 * len(class_names) + 2.0), 4.0)
+    axes = figure.add_subplot()
+    for index, (split, split_counts) in enumerate(counts.items()):
+        split_counts = np.asarray(split_counts)
+        if len(split_counts) != len(class_names):
+            raise ValueError(f"{split}: {len(split_counts)} counts for {len(class_names)} classes")
+        colour = SPLIT_STYLES.get(split, (split, None))[1]
+        offset = (index - (len(counts) - 1) / 2) * bar_width
+        axes.bar(positions + offset, split_counts, bar_width, color=colour,
+                 label=f"{split} ({int(split_counts.sum()):,} examples)")
+    axes.set_xticks(positions, labels=class_names)
+    axes.set_ylim(0.0, 1.25 * max(max(np.max(c) for c in counts.values()), 1))  # headroom: the legend covers no bar
+    axes.set_xlabel("Class")
+    axes.set_ylabel("Examples")
+    axes.set_title("Examples per class")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(loc="upper center", ncols=len(counts))
     _save_atomically(figure, path)
 
 

@@ -1,9 +1,9 @@
 """Training: `train_and_evaluate`, the loop behind `python -m mnist_jax.train`, `transfer` and `sweep`.
 
 Top to bottom: data (on device) -> model -> train state -> per-epoch loop of jitted steps -> evaluation ->
-checkpoint -> metrics.jsonl. The steps live in `steps.py`; how this platform runs them, in `backend.py`. Training
-the same config again in the same workdir resumes from the latest checkpoint and reproduces the uninterrupted run
-bit for bit.
+checkpoint -> metrics.jsonl, curves.png and TensorBoard's event files (`summaries`). The steps live in `steps.py`;
+how this platform runs them, in `backend.py`. Training the same config again in the same workdir resumes from the
+latest checkpoint and reproduces the uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax import backend, checkpoint, data, inference, sharding, steps, workdir
+from mnist_jax import backend, checkpoint, data, inference, metrics, sharding, steps, summaries, workdir
 from mnist_jax.distributed import runlock
 from mnist_jax.augment import Augmentation, deskew, random_warp, training_augmentation
 from mnist_jax.config import Config, RunOptions, UserError, validate
@@ -71,7 +71,11 @@ def _train(config: Config, options: RunOptions, started: float, mesh, dataset: d
         state = options.initial_state(state, dataset)
     if primary:
         workdir.write_metrics(options.workdir, history)  # Drops any line written after the last checkpoint.
+        if options.tensorboard:  # Each checkpointed epoch once, whenever the last run was killed.
+            summaries.sync(options.workdir, history, config.epochs)
     if len(history) >= config.epochs:
+        if primary and options.tensorboard and not summaries.has_final(options.workdir):
+            _write_final_summary(options.workdir, config, history, model, state, dataset)
         print(f"run complete: {config.epochs} epochs already trained in {options.workdir}", flush=True)
         manager.close()
         return history
@@ -128,6 +132,10 @@ def _train(config: Config, options: RunOptions, started: float, mesh, dataset: d
             workdir.write_metrics(options.workdir, history)
             if options.plots:
                 _plot_curves(options.workdir, history)
+            if options.tensorboard:  # after the checkpoint: a kill in between leaves the epoch to `sync`
+                summaries.write_epoch(options.workdir, entry)
+                if epoch == config.epochs:
+                    _write_final_summary(options.workdir, config, history, model, state, dataset)
             _log_epoch(entry, config.epochs)
     manager.close()
     return history
@@ -155,13 +163,30 @@ def evaluate_split_tta(model: CNN, state: steps.TrainState, split: data.Split, n
     def host(array: jax.Array) -> np.ndarray:  # replicated: each device holds all of it, on every host
         return np.asarray(array.addressable_data(0))
 
-    predict = inference.predict_fn_for([model], [jax.tree_util.tree_map(host, state.variables())],
+    predict = inference.predict_fn_for([model], [_host_variables(state)],
                                        tuple(split.images.shape[1:]), num_classes, test_time_augmentation=True)
     labels = host(split.labels)
     probabilities = predict(host(split.images))
     picked = probabilities[np.arange(len(labels)), labels].astype(np.float64)
     return {"loss": float(-np.log(np.maximum(picked, np.finfo(np.float32).tiny)).mean()),
             "accuracy": float(np.mean(probabilities.argmax(axis=-1) == labels))}
+
+
+def _host_variables(state: steps.TrainState) -> dict[str, Any]:
+    """The model's variables as this process's copy (they are replicated): evaluation on one device, no
+    collective."""
+    return jax.tree_util.tree_map(lambda array: np.asarray(array.addressable_data(0)), state.variables())
+
+
+def _write_final_summary(workdir_path: str, config: Config, history: list[dict[str, Any]], model: CNN,
+                         state: steps.TrainState, dataset: data.Dataset) -> None:
+    """The finished run's TensorBoard images and hyperparameters, with the test split's confusion matrix."""
+    predict = inference.predict_fn_for([model], [_host_variables(state)], dataset.image_shape, dataset.num_classes,
+                                       config.eval_batch_size)
+    labels = np.asarray(dataset.test.labels.addressable_data(0))
+    predictions = predict(np.asarray(dataset.test.images.addressable_data(0))).argmax(axis=-1)
+    matrix = np.asarray(metrics.confusion_matrix(labels, predictions, dataset.num_classes))
+    summaries.write_final(workdir_path, config, history, matrix, list(dataset.class_names))
 
 
 def _log_epoch(entry: dict[str, Any], epochs: int) -> None:

@@ -217,7 +217,7 @@ def train_run(config, workdir: Path, data_dir: Path, **options) -> list[dict[str
     from mnist_jax.config import RunOptions
     from mnist_jax.training import train_and_evaluate
 
-    options = {"devices": 1, "progress": False, "plots": False, **options}
+    options = {"devices": 1, "progress": False, "plots": False, "tensorboard": False, **options}
     return train_and_evaluate(config, RunOptions(workdir=str(workdir), data_dir=str(data_dir), **options))
 
 
@@ -243,6 +243,39 @@ def train_in_process(config, data_dir: Path, workdir: Path, stopped_after_epoch_
 def read_jsonl(path) -> list[dict[str, Any]]:
     with open(path) as handle:
         return [json.loads(line) for line in handle]
+
+
+def tensorboard_events(workdir) -> Any:
+    """WORKDIR/tensorboard/ read back by TensorBoard's own reader (an `EventAccumulator`, everything kept)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(Path(workdir) / "tensorboard"),
+                                   size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    return accumulator.Reload()
+
+
+def tensorboard_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of every scalar in WORKDIR/tensorboard/, in the order a reader gets them."""
+    events = tensorboard_events(workdir)
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+# metrics.jsonl key -> TensorBoard tag, for what a run without a validation slice logs
+TENSORBOARD_TAGS = {"train_loss": "loss/train", "train_accuracy": "accuracy/train", "test_loss": "loss/test",
+                    "test_accuracy": "accuracy/test", "learning_rate": "learning_rate",
+                    "train_images_per_second": "train_images_per_second"}
+
+
+def assert_tensorboard_equals_metrics(workdir) -> None:
+    """WORKDIR/tensorboard/ holds every metrics.jsonl value at its epoch (as TensorBoard stores it: float32), each
+    epoch once and in order, one event file per epoch."""
+    from mnist_jax.summaries import written_epochs
+
+    history = read_jsonl(Path(workdir) / "metrics.jsonl")
+    expected = {tag: [(entry["epoch"], float(np.float32(entry[key]))) for entry in history]
+                for key, tag in TENSORBOARD_TAGS.items()}
+    assert tensorboard_scalars(workdir) == expected
+    assert written_epochs(str(workdir)) == [entry["epoch"] for entry in history]
 
 
 def results(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

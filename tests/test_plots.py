@@ -185,3 +185,32 @@ def test_creates_missing_output_directory(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "dir" / "curves.png"
     plot_curves(make_history(1, True), path)
     assert_valid_png(path)
+
+
+def test_plot_examples(tmp_path: Path, predictions_data: dict[str, np.ndarray]) -> None:
+    path = tmp_path / "examples.png"
+    plots.plot_examples(predictions_data["images"][:16], predictions_data["labels"][:16], CLASS_NAMES, path)
+    assert_valid_png(path)
+    assert_not_blank(path)
+    with pytest.raises(ValueError, match="as many labels as images"):
+        plots.plot_examples(predictions_data["images"][:4], predictions_data["labels"][:3], CLASS_NAMES, path)
+
+
+def test_plot_class_balance(tmp_path: Path) -> None:
+    path = tmp_path / "balance.png"
+    plots.plot_class_balance({"train": np.arange(10) + 50, "test": np.full(10, 9)}, CLASS_NAMES, path)
+    assert_valid_png(path)
+    assert_not_blank(path)
+    with pytest.raises(ValueError, match="9 counts for 10 classes"):
+        plots.plot_class_balance({"train": np.ones(9)}, CLASS_NAMES, path)
+
+
+def test_figures_render_to_the_pixels_their_png_holds(tmp_path: Path) -> None:
+    """What TensorBoard gets (`figure_pixels`) is the image `plot_curves` writes."""
+    history = make_history(3, with_validation=True)
+    plot_curves(history, tmp_path / "curves.png")
+    pixels = plots.figure_pixels(plots.curves_figure(history))
+    with Image.open(tmp_path / "curves.png") as image:
+        written = np.asarray(image.convert("RGB"))
+    assert pixels.dtype == np.uint8 and pixels.shape == written.shape
+    assert np.abs(pixels.astype(int) - written.astype(int)).mean() < 1.0

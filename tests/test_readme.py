@@ -27,6 +27,7 @@ TOOLS = ("mnist_jax.train", "mnist_jax.evaluate", "mnist_jax.predict", "mnist_ja
          "benchmarks/batchnorm_choice.py", "benchmarks/multiprocess_throughput.py", "mnist_jax.export",
          "benchmarks/export_latency.py")
 OTHER_PROGRAMS_FLAGS = {"--data-binary",  # curl's, in the serve example
+                        "--logdir",  # tensorboard's
                         "--directory",  # http.server's, in docs/deploy.md
                         # sbatch's, in docs/multihost.md's SLURM script
                         "--job-name", "--nodes", "--ntasks-per-node", "--cpus-per-task", "--time", "--requeue",
@@ -73,15 +74,18 @@ def _relative(path: Path) -> str:
 
 
 def console_commands(text: str) -> list[tuple[str, list[str]]]:
-    """(tool, arguments) of every `$ python -m mnist_jax.X ...` or `$ python benchmarks/X.py ...` in a console
-    block, continuation lines joined, trailing comments dropped, and leading `time` or VAR=value words skipped."""
+    """(tool, arguments) of every `$ mnist-jax X ...` (the tool `mnist_jax.X`), `$ python -m mnist_jax.X ...` or
+    `$ python benchmarks/X.py ...` in a console block, continuation lines joined, trailing comments dropped, and
+    leading `time` or VAR=value words skipped."""
     commands = []
     for block in re.findall(r"```console\n(.*?)```", text, re.S):
         for command in re.findall(r"^\$ ((?:.*\\\n)*.*)", block, re.M):
             words = shlex.split(command.replace("\\\n", " "), comments=True)
             while words and (words[0] in ("time", "/usr/bin/time") or ENVIRONMENT_WORD.fullmatch(words[0])):
                 words = words[1:]  # `time CMD`, `VAR=value CMD`: the command is what follows
-            if words[:2] == ["python", "-m"] and words[2].startswith("mnist_jax."):
+            if words[:1] == ["mnist-jax"] and len(words) > 1:
+                commands.append((f"mnist_jax.{words[1]}", words[2:]))
+            elif words[:2] == ["python", "-m"] and words[2].startswith("mnist_jax."):
                 commands.append((words[2], words[3:]))
             elif words[:1] == ["python"] and words[1].startswith("benchmarks/"):
                 commands.append((words[1], words[2:]))
@@ -93,11 +97,14 @@ def test_every_console_example_parses_with_its_tools_parser(parsers):
     every = [command for found in commands.values() for command in found]
     assert {tool for tool, _ in every} >= {"mnist_jax.train", "mnist_jax.evaluate", "mnist_jax.predict",
                                            "mnist_jax.serve", "mnist_jax.sweep", "mnist_jax.transfer"}
-    # The README's quick start: train -> evaluate -> predict -> serve.
+    # The README's quick start: train -> evaluate -> predict -> serve, with the installed command.
     assert {tool for tool, _ in commands[README]} >= {"mnist_jax.train", "mnist_jax.evaluate", "mnist_jax.predict",
                                                        "mnist_jax.serve"}
+    assert "$ mnist-jax train --workdir runs/mnist" in README.read_text()
     for document, found in commands.items():
         for tool, arguments in found:
+            if tool not in parsers:
+                pytest.fail(f"{_relative(document)}: `{tool}` is no tool (mnist-jax --help lists them)")
             try:
                 parsers[tool].parse_args(arguments)
             except SystemExit:

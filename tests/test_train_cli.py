@@ -17,8 +17,8 @@ import pytest
 from mnist_jax.checkpoint import restore_model
 from mnist_jax.train import main as train_main
 
-from helpers import (REPO, TINY_FLAGS, TINY_RUN_FLAGS, cli_env, corrupt, read_jsonl, results, run_main_in_process,
-                     run_module, snapshot)
+from helpers import (REPO, TINY_FLAGS, TINY_RUN_FLAGS, assert_tensorboard_equals_metrics, cli_env, corrupt, read_jsonl,
+                     results, run_main_in_process, run_module, snapshot)
 
 
 @pytest.fixture
@@ -96,7 +96,9 @@ def test_final_tta_reports_what_evaluate_tta_computes(strong_tiny_run, tiny_data
 
 @pytest.mark.e2e
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(tiny_run, tiny_data_dir, tmp_path):
-    """kill -9 at two different moments, restart each time: same parameters bitwise, same metrics."""
+    """kill -9 at two different moments, restart each time: same parameters bitwise, same metrics, and TensorBoard's
+    event files hold each epoch once, equal to metrics.jsonl (the kills land around the epochs' event files, which
+    are written just after metrics.jsonl)."""
     reference_dir = tiny_run
     workdir = tmp_path / "w"
     command = [sys.executable, "-m", "mnist_jax.train", "--workdir", str(workdir), "--data-dir", str(tiny_data_dir),
@@ -117,6 +119,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tiny_run, tiny_data
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout
     assert results(read_jsonl(workdir / "metrics.jsonl")) == results(read_jsonl(reference_dir / "metrics.jsonl"))
+    assert_tensorboard_equals_metrics(workdir)
     resumed, reference = restore_model(str(workdir), "latest"), restore_model(str(reference_dir), "latest")
     assert resumed.step == reference.step == 60
     resumed_leaves, reference_leaves = (jax.tree_util.tree_leaves(m.variables) for m in (resumed, reference))
