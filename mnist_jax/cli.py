@@ -117,7 +117,10 @@ def prepare_devices() -> None:
     from mnist_jax.distributed import cluster
 
     backend.use_every_cpu_core()
-    if cluster.join_if_configured():
+    settings = cluster.cluster_settings(os.environ)
+    if settings is not None:
+        print(cluster.joining_message(settings), flush=True)
+        cluster.join(settings)
         print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices", flush=True)
 
 
