@@ -139,7 +139,10 @@ def prepare_devices() -> None:
 
     backend.chosen_fusions(os.environ)  # a bad MNIST_JAX_CPU_FUSIONS fails now, not after the data loads
     backend.use_every_cpu_core()
-    if cluster.join_if_configured():
+    settings = cluster.cluster_settings(os.environ)
+    if settings is not None:
+        print(cluster.joining_message(settings), flush=True)
+        cluster.join(settings)
         print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices", flush=True)
 
 

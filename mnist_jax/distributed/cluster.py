@@ -1,28 +1,24 @@
 """Joining a multi-process run (JAX's multi-controller runtime, `jax.distributed`): the cluster's settings checked
-before anything waits on them, every wait bounded, and a peer's death turned into one line and an exit.
+before anything waits on them, then `jax.distributed.initialize` with the run's bounds, which JAX enforces itself.
 
 Every process of a run starts the same command. JAX_COORDINATOR_ADDRESS (host:port of process 0),
 JAX_NUM_PROCESSES and JAX_PROCESS_ID describe the cluster explicitly; under SLURM or Open MPI,
-`jax.distributed.initialize()` reads them from the scheduler. The bounds (docs/multihost.md):
+`jax.distributed.initialize()` reads them from the scheduler. The bounds, passed to JAX as its own timeouts
+(docs/multihost.md says what a user sees when one runs out):
 
-- joining: every process must have joined within MNIST_JAX_JOIN_TIMEOUT seconds, else a one-line error (exit 2);
-- a dead peer: a process that shows no sign of life for MNIST_JAX_HEARTBEAT_TIMEOUT seconds (`PeerWatch`) makes
-  each survivor print one line and exit with `PEER_DIED_EXIT`, where JAX would abort with a native stack trace;
-  the coordinator's death aborts the others inside JAX's runtime at once, and `stderr_guard` turns that abort's
-  report into the same line;
-- the end: a finished process waits at most `SHUTDOWN_TIMEOUT` seconds for the others at JAX's exit barrier.
+- joining: every process must have joined within MNIST_JAX_JOIN_TIMEOUT seconds (`initialization_timeout`);
+- a dead peer: a process that sends JAX's coordination service no heartbeat for MNIST_JAX_HEARTBEAT_TIMEOUT
+  seconds (`heartbeat_timeout_seconds`) is dead, and JAX ends every other process of the run;
+- the end: a finished process waits at most `SHUTDOWN_TIMEOUT` seconds for the others at JAX's exit barrier
+  (`shutdown_timeout_seconds`).
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import os
-import subprocess
-import sys
-import threading
-import time
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
+
+import numpy as np
 
 from mnist_jax.config import UserError
 
@@ -30,14 +26,11 @@ JOIN_TIMEOUT_VARIABLE = "MNIST_JAX_JOIN_TIMEOUT"
 HEARTBEAT_TIMEOUT_VARIABLE = "MNIST_JAX_HEARTBEAT_TIMEOUT"
 # Long enough for hosts that a scheduler starts a minute apart; a job that waits longer is misconfigured.
 DEFAULT_JOIN_TIMEOUT = 120
-# Signs of life come from a thread of their own (`PeerWatch`), so compiling, checkpointing or a slow step never
-# delays them; a process silent this long is gone, and a survivor should not hold its machine much longer.
+# JAX sends heartbeats from a thread of its runtime, so compiling, checkpointing or a slow step never delays them;
+# a process silent this long is gone, and the survivors should not hold their machines much longer.
 DEFAULT_HEARTBEAT_TIMEOUT = 30
-# JAX's own join and heartbeat timeouts are ours plus this, so its native abort never comes first.
-JAX_TIMEOUT_MARGIN = 60
 # The processes of a run finish their last epoch in lockstep; process 0 then writes plots before it exits.
 SHUTDOWN_TIMEOUT = 60
-PEER_DIED_EXIT = 75  # EX_TEMPFAIL: the run can be resumed by starting every process again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,173 +91,42 @@ def cluster_settings(environ: Mapping[str, str]) -> ClusterSettings | None:
     return ClusterSettings(address, num_processes, process_id, join_timeout, heartbeat_timeout)
 
 
-def peer_died_message(num_processes: int, reason: str) -> str:
-    """The one line a survivor prints: what happened and how to go on."""
-    return (f"error: a peer process of this {num_processes}-process run died or stopped answering ({reason}); "
-            f"start all {num_processes} processes again with the same command to resume from the last checkpoint")
-
-
-def exit_for_dead_peer(num_processes: int, reason: str) -> None:
-    """Prints `peer_died_message` and ends the process at once. Not `sys.exit`: it may run on a thread of its own,
-    and an orderly exit would wait at JAX's shutdown barrier for the dead peer."""
-    print(peer_died_message(num_processes, reason), file=sys.stderr, flush=True)
-    os._exit(PEER_DIED_EXIT)
-
-
-class PeerWatch(threading.Thread):
-    """Every process's sign of life, in the coordination service's key-value store: each process counts up its own
-    key every `interval` seconds; process 0 watches the others' and they watch process 0's. A peer whose count stays
-    still for `timeout` seconds, or a coordinator that no longer answers, calls `on_death(reason)`.
-
-    Why not JAX's own heartbeats: when they stop, JAX's coordination service aborts every survivor natively, and
-    the callback its client takes instead cannot be a Python function (the binding fails to pass it the status). JAX's heartbeat timeout is therefore set beyond
-    this one (`join`), so this watch always speaks first. Counts, not clocks: hosts' clocks need not agree.
-    """
-
-    PREFIX = "mnist_jax/alive/"
-    DONE = "done"  # a process that finished its work, now waiting at JAX's exit barrier: not dead
-
-    def __init__(self, client: Any, process_id: int, num_processes: int, timeout: float,
-                 on_death: Callable[[str], None], interval: float = 1.0) -> None:
-        super().__init__(name="mnist_jax-peer-watch", daemon=True)
-        self._client, self._id, self._count = client, process_id, num_processes
-        self._timeout, self._on_death, self.interval = timeout, on_death, interval
-        self._stopped = threading.Event()
-
-    def run(self) -> None:
-        # Process 0 watches every other process; they watch process 0, which ends when any of them dies: each
-        # death is seen everywhere, for a load on the coordinator that grows with the process count, not its square.
-        peers = [p for p in range(self._count) if p != self._id] if self._id == 0 else [0]
-        seen: dict[int, tuple[str | None, float]] = {p: (None, time.monotonic()) for p in peers}
-        beat = 0
-        while not self._stopped.is_set():
-            beat += 1
-            try:
-                self._client.key_value_set(f"{self.PREFIX}{self._id}", str(beat), allow_overwrite=True)
-                values = {p: self._value(p) for p in peers}
-            except Exception as error:  # noqa: BLE001 -- any failure to reach the coordinator
-                if not self._stopped.is_set():
-                    self._on_death(f"the coordinator, process 0, does not answer: {_first_line(error)}")
-                return
-            now = time.monotonic()
-            for peer, value in values.items():
-                if value != seen[peer][0] or value == self.DONE:
-                    seen[peer] = (value, now)
-                elif now - seen[peer][1] > self._timeout and not self._stopped.is_set():
-                    self._on_death(f"process {peer} sent no sign of life for {self._timeout:g} s")
-                    return
-            self._stopped.wait(self.interval)
-
-    def _value(self, peer: int) -> str | None:
-        try:
-            return self._client.key_value_try_get(f"{self.PREFIX}{peer}")
-        except Exception as error:  # noqa: BLE001 -- a peer that has not written yet reads as NOT_FOUND
-            if "NOT_FOUND" in str(error):
-                return None
-            raise
-
-    def stop(self) -> None:
-        """Ends the watch and tells the peers this process is done, before JAX's exit barrier."""
-        self._stopped.set()
-        try:
-            self._client.key_value_set(f"{self.PREFIX}{self._id}", self.DONE, allow_overwrite=True)
-        except Exception:  # noqa: BLE001 -- the coordinator already gone: the peers are past the barrier
-            pass
-
-
-def _exit_with_user_error(message: str) -> None:
-    """`cli.run_cli`'s contract (one line, exit 2) from a thread that cannot raise into the main one."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    os._exit(2)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:160] if text else type(error).__name__
-
-
-def join(settings: ClusterSettings) -> PeerWatch:
-    """`jax.distributed.initialize` with `settings`' bounds, and the started `PeerWatch` of this process (stopped
-    at exit, before JAX's exit barrier); a UserError when the run is not complete within the join timeout."""
-    import jax
-    from jax._src import distributed
-
+def joining_message(settings: ClusterSettings) -> str:
+    """The line a process prints before it waits to join: what it waits for and for how long. When the wait runs
+    out, JAX ends the process with its own report (docs/multihost.md), and this line says which wait that was."""
     where = settings.coordinator_address or "the scheduler's coordinator"
-    failed = (f"could not join the run at {where} within {settings.join_timeout} s; check JAX_COORDINATOR_ADDRESS "
-              f"and that all {settings.num_processes or 'the'} processes are started, with distinct JAX_PROCESS_ID "
-              f"({JOIN_TIMEOUT_VARIABLE} sets the wait)")
-    # A join that times out inside JAX aborts the process natively, so this process's own deadline comes first
-    # (JAX's is set later): one line, exit 2. A thread, since the waiting call does not return until then.
-    deadline = threading.Timer(settings.join_timeout, _exit_with_user_error, (failed,))
-    deadline.daemon = True
-    deadline.start()
+    who = ("" if settings.process_id is None else
+           f" as process {settings.process_id} of {settings.num_processes}")
+    return (f"joining the run at {where}{who}: every process must start within {settings.join_timeout} s "
+            f"({JOIN_TIMEOUT_VARIABLE})")
+
+
+def join(settings: ClusterSettings) -> None:
+    """`jax.distributed.initialize` with `settings`' bounds as JAX's own timeouts; a UserError where JAX refuses
+    the settings before it connects (in practice a scheduler's environment it cannot read: ours are checked)."""
+    import jax
+
     try:
         jax.distributed.initialize(
             coordinator_address=settings.coordinator_address, num_processes=settings.num_processes,
-            process_id=settings.process_id, initialization_timeout=settings.join_timeout + JAX_TIMEOUT_MARGIN,
-            heartbeat_timeout_seconds=settings.heartbeat_timeout + JAX_TIMEOUT_MARGIN,
-            shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
-    except Exception as error:  # noqa: BLE001 -- JAX raises its runtime's error type; any failure to join is one
-        distributed.global_state.client = distributed.global_state.service = None  # nothing to shut down at exit
-        raise UserError(f"{failed} ({_first_line(error)})") from None
-    finally:
-        deadline.cancel()
-    count = jax.process_count()
-    _guard_stderr(count)
-    watch = PeerWatch(distributed.global_state.client, jax.process_index(), count, settings.heartbeat_timeout,
-                      lambda reason: exit_for_dead_peer(count, reason))
-    watch.start()
-    atexit.register(watch.stop)  # registered after JAX's shutdown hook, so it runs before it
-    sys.excepthook = _after_uncaught_error(sys.excepthook, settings.heartbeat_timeout + 2 * watch.interval)
-    return watch
+            process_id=settings.process_id, initialization_timeout=settings.join_timeout,
+            heartbeat_timeout_seconds=settings.heartbeat_timeout, shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
+    except (ValueError, TypeError) as error:  # JAX's checks of the cluster's description, before any connection
+        raise UserError(f"cannot join a multi-process run: {error} (start the processes with srun or mpirun, or "
+                        "set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID)") from None
 
 
-def _guard_stderr(num_processes: int) -> None:
-    """Points this process's stderr through `python -m mnist_jax.distributed.stderr_guard`, which turns the native abort on a
-    lost coordinator into the one-line message."""
-    read, write = os.pipe()
-    subprocess.Popen([sys.executable, "-m", "mnist_jax.distributed.stderr_guard", str(num_processes)], stdin=read)
-    os.close(read)
-    sys.stderr.flush()
-    os.dup2(write, 2)
-    os.close(write)
-
-
-def _after_uncaught_error(report: Callable[..., None], verdict_seconds: float) -> Callable[..., None]:
-    """What a process of a multi-process run does with an error nothing caught. A dead peer is the usual cause
-    (the collective it was part of fails at once, before the watch can tell): give the watch time to say so, which
-    ends the process with the one line. Otherwise the error is this process's own: report it and exit at once,
-    without an orderly shutdown that would wait at JAX's exit barrier for peers stuck in a collective; they see
-    this process die and end too."""
-
-    def hook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
-        if isinstance(error, Exception):
-            time.sleep(verdict_seconds)
-        report(kind, error, traceback)
-        sys.stderr.flush()
-        os._exit(1)
-
-    return hook
-
-
-def from_primary(key: str, outcome: Callable[[], str], timeout: float = 600) -> str:
-    """`outcome()` computed by process 0 and returned on every process, through the coordination service's
-    key-value store under `key` (one key per question)."""
+def from_primary(outcome: Callable[[], str]) -> str:
+    """`outcome()`, computed by process 0 alone, on every process: a collective, so every process of the run calls
+    it at the same point. Sent as bytes through `multihost_utils.broadcast_one_to_all`, its length first, since
+    every process must pass an array of the same shape."""
     import jax
-    from jax._src import distributed
+    from jax.experimental import multihost_utils
 
-    client = distributed.global_state.client
-    if jax.process_index() == 0:
-        value = outcome()
-        client.key_value_set(key, value, allow_overwrite=True)
-        return value
-    return client.blocking_key_value_get(key, int(timeout * 1000))
-
-
-def join_if_configured(environ: Mapping[str, str] | None = None) -> bool:
-    """Joins the multi-process run the environment describes; returns whether it did."""
-    settings = cluster_settings(os.environ if environ is None else environ)
-    if settings is None:
-        return False
-    join(settings)
-    return True
+    primary = jax.process_index() == 0
+    sent = outcome().encode() if primary else b""
+    length = int(multihost_utils.broadcast_one_to_all(np.int32(len(sent))))
+    if length == 0:
+        return ""
+    buffer = np.frombuffer(sent, np.uint8) if primary else np.zeros(length, np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8).tobytes().decode()
