@@ -104,8 +104,8 @@ READING_TOOLS = {  # each reading tool's arguments besides --workdir
     "mnist_jax.export": lambda data_dir, image: ("--data-dir", data_dir, "--formats", "onnx"),
 }
 # One whole line: the checkpoint, why (TensorStore's own message, without its many-line spec), and what reads.
-REFUSAL = re.compile(r"error: checkpoint 60 in (\S+)/checkpoints is unreadable \((.+)\); the newest readable one is 40: "
-                     r"pass --checkpoint 40\n")
+REFUSAL = re.compile(r"error: checkpoint 60 in (\S+)/checkpoints is unreadable \((.+)\); "
+                     r"the newest readable one is 40: pass --checkpoint 40\n")
 
 
 def corrupt_copy(run, tmp_path, corruption: str):
