@@ -98,7 +98,7 @@ def format_table(rows: list[dict], markdown: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     add_window_flags(parser, rounds=6)
     args = parser.parse_args(argv)
     use_window_flags(parser, args)

@@ -47,7 +47,7 @@ BROWSER_TIMING = """async ([digits, warmup]) => {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="the trained run whose export is timed")
     parser.add_argument("--export", help="the export folder (default: WORKDIR/export)")
     parser.add_argument("--data-dir", help="tfds data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")

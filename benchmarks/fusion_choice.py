@@ -161,7 +161,7 @@ def format_markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=tuple(PRESETS), default="default",
                         help="the preset whose train step is measured (default: default)")
     add_window_flags(parser, rounds=8)

@@ -34,7 +34,7 @@ FORMS = {
 
 def main() -> None:
     quiet_libraries()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--data-dir")
     parser.add_argument("--count", type=int, default=10_000, help="how many test images (default: all)")

@@ -115,7 +115,7 @@ def run_load(url: str, pngs: list[bytes], requests: int, clients: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--workdir", help="start a server on this training workdir (on a free 127.0.0.1 port)")
     target.add_argument("--url", help="measure an already running server, e.g. http://127.0.0.1:8000")

@@ -251,7 +251,7 @@ IMPLEMENTATIONS = ("reference", "per_step", "on_device_epoch", "data_parallel")
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=tuple(PRESETS), default="default",
                         help="the preset whose model is measured (default: default)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512])

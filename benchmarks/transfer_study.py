@@ -166,7 +166,7 @@ def write_reports(root: str, rows: list[dict[str, Any]], sizes: list[int], wall:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="cache of sources and runs; the reports land here")
     parser.add_argument("--data-dir", help="tfds data directory holding mnist and fashion_mnist")
     parser.add_argument("--sizes", default="100,1000,10000", help="N values, comma-separated")

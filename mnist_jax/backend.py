@@ -269,8 +269,9 @@ class EpochRunner:
 
         rows = np.asarray(permutation)  # each step's indices go to the devices with it: no slicing dispatch
         collected = []
-        for indices in tqdm(rows, desc=description, leave=False, disable=not self._progress, unit="step",
-                            file=sys.stderr, mininterval=1.0):
+        # disable=None: a bar only where stderr is a terminal; redirected to a file, its frames would fill the log.
+        for indices in tqdm(rows, desc=description, leave=False, disable=None if self._progress else True,
+                            unit="step", file=sys.stderr, mininterval=1.0):
             state, metrics = self._step(state, self._take(split, jax.device_put(indices, self._batch_sharding)))
             collected.append(self._settle(metrics))
         collected = jax.device_get(collected)

@@ -19,12 +19,29 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from mnist_jax.config import Config, UserError
+from mnist_jax.config import Config, UserError, one_line
 from mnist_jax.model import build_model
 from mnist_jax.steps import TrainState, model_variables
+from mnist_jax.workdir import CHECKPOINT_DIR, QUARANTINE_DIR, not_a_run
 
-CHECKPOINT_DIR = "checkpoints"
-QUARANTINE_DIR = "checkpoints-corrupt"
+class UnreadableCheckpoint(UserError):
+    """A checkpoint that cannot be read, and the newest one of the same workdir that can (None: none can)."""
+
+    def __init__(self, directory: str, step: int, reason: str, readable: int | None) -> None:
+        self.step, self.readable = step, readable
+        self.problem = f"checkpoint {step} in {directory} is unreadable ({reason})"
+        hint = (f"the newest readable one is {readable}: pass --checkpoint {readable}" if readable is not None
+                else "no other checkpoint in it is readable")
+        super().__init__(f"{self.problem}; {hint}")
+
+
+def failure_reason(error: BaseException) -> str:
+    """Why a checkpoint could not be read, as one whole line: the first line of the root cause (TensorStore's
+    names the file and the fault, where its wrapper adds a many-line spec), shortened only at a word boundary."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    name, text = type(error).__name__, one_line(str(error))
+    return (text if name in ("Exception", "ValueError") else f"{name}: {text}") if text else name
 
 
 def selection_metric(metrics: dict[str, Any]) -> float:
@@ -89,7 +106,11 @@ def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]
 
 def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
     """The saved state's tree of array metadata (shapes and dtypes), read without reading the arrays."""
-    return ocp.StandardCheckpointer().metadata(os.path.join(manager.directory, str(step), "state")).item_metadata.tree
+    path = os.path.join(manager.directory, str(step), "state")
+    metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+    if metadata is None:  # Orbax reports a metadata file it cannot parse as none at all
+        raise ValueError(f"the array metadata in {path} cannot be read")
+    return metadata.tree
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: TrainState | None,
@@ -146,8 +167,23 @@ def _quarantine(workdir: str, manager: ocp.CheckpointManager, step: int, error: 
     os.makedirs(os.path.dirname(destination), exist_ok=True)
     shutil.move(source, destination)
     manager.reload()
-    reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-    print(f"warning: checkpoint {step} is unreadable ({reason}); moved to {destination}", file=sys.stderr)
+    print(f"warning: checkpoint {step} is unreadable ({failure_reason(error)}); moved to {destination}",
+          file=sys.stderr)
+
+
+def unreadable(manager: ocp.CheckpointManager, step: int, error: Exception, directory: str) -> UnreadableCheckpoint:
+    """The error of a reading tool (evaluate, predict, serve, export) for a checkpoint of `directory` that fails to
+    restore. They read and never move anything, so they name the newest checkpoint that restores rather than use it
+    unasked: `--checkpoint best` on a corrupt newest one must not quietly become another model."""
+    for other in sorted(manager.all_steps(), reverse=True):
+        if other == step:
+            continue
+        try:
+            _restore_step(manager, other, target=None)
+        except Exception:  # noqa: BLE001
+            continue
+        return UnreadableCheckpoint(directory, step, failure_reason(error), other)
+    return UnreadableCheckpoint(directory, step, failure_reason(error), None)
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -188,13 +224,17 @@ def restore_model(workdir: str, checkpoint: str = "best") -> RestoredModel:
     """Restores the model (module, variables, config) of a workdir's checkpoint for evaluation or prediction."""
     directory = os.path.join(workdir, CHECKPOINT_DIR)
     if not os.path.isdir(directory):
-        raise UserError(f"no checkpoints found: {directory} does not exist (train with --workdir {workdir} first)")
+        raise UserError(not_a_run(workdir) or f"no checkpoints found: {directory} does not exist (train with "
+                        f"--workdir {workdir} first)")
     manager = open_manager(workdir, read_only=True)
-    step = resolve_step(manager, checkpoint)
+    step = max(manager.all_steps(), default=0)  # "best" reads the newest one's history first
     try:
+        step = resolve_step(manager, checkpoint)
         tree, meta = _restore_step(manager, step, target=None)
-    except Exception as error:  # noqa: BLE001
-        raise UserError(f"checkpoint {step} in {directory} is unreadable: {str(error).splitlines()[0][:200]}")
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- any failure to read means this checkpoint is unusable.
+        raise unreadable(manager, step, error, directory) from None
     config = Config.from_dict(meta["config"])
     module = build_model(config, len(meta["class_names"]), meta["mean"], meta["std"])
     # The moving average, when kept, is the run's model: what it evaluated and chose "best" on.

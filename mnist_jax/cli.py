@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import logging
 import os
+import re
 import sys
 import time
+import types
 from typing import Any, Callable
 
 from mnist_jax.config import PRESETS, Config, RunOptions, UserError, preset
+
+FLAG_LIKE = re.compile(r"--?[A-Za-z]")  # a flag's shape: not a value such as -5 or -1e-3
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -100,11 +106,51 @@ def invoked_as(prog: str) -> str:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2 without the usage dump, and the usage names the
-    command as it was typed (`invoked_as`)."""
+    """argparse, but a usage error is one line and exit code 2 without the usage dump; a flag is never guessed from
+    its first letters (`--epoch 1` is not `--epochs 1`); and a flag it does not know is named first, with the
+    nearest one it does (argparse would only say that the flag meant was missing); and the usage names the command
+    as it was typed (`invoked_as`)."""
 
     def __init__(self, *args: Any, prog: str | None = None, **kwargs: Any) -> None:
+        self.flags: set[str] = set()  # every option string, as the arguments are added
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, prog=invoked_as(prog) if prog else None, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.flags.update(action.option_strings)
+        return action
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> Any:
+        return self._recorded(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, **kwargs: Any) -> Any:
+        return self._recorded(super().add_mutually_exclusive_group(**kwargs))
+
+    def _recorded(self, group: Any) -> Any:
+        """`group`, whose arguments' option strings land in `flags` too."""
+        add = group.add_argument
+
+        def add_argument(*args: Any, **kwargs: Any) -> argparse.Action:
+            action = add(*args, **kwargs)
+            self.flags.update(action.option_strings)
+            return action
+
+        group.add_argument = add_argument
+        return group
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        words = [str(word) for word in (sys.argv[1:] if args is None else args)]
+        options = words[: words.index("--")] if "--" in words else words  # after `--`, only values
+        unknown = [word.split("=", 1)[0] for word in options if FLAG_LIKE.match(word)]
+        unknown = [flag for flag in dict.fromkeys(unknown) if flag not in self.flags]
+        if unknown:
+            self.error(f"unknown flag{'s' if len(unknown) > 1 else ''} {', '.join(map(self._suggest, unknown))}")
+        return super().parse_args(words, namespace)
+
+    def _suggest(self, flag: str) -> str:
+        nearest = difflib.get_close_matches(flag, sorted(self.flags), n=1)
+        return f"{flag} (did you mean {nearest[0]}?)" if nearest else flag
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -117,7 +163,8 @@ def training_parser(prog: str, description: str, epilog: str) -> ArgumentParser:
     parser.add_argument("--data-dir", help="tfds data directory (default: $TFDS_DATA_DIR, else tfds's default)")
     parser.add_argument("--devices", type=int,
                         help="devices to split each batch over (default: all JAX sees; on CPU, one per core)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (one log line per epoch)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar on a terminal either (elsewhere there is none): one log line per epoch")
     add_preset_flag(parser)
     add_config_flags(parser)
     return parser
@@ -163,6 +210,63 @@ def quiet_libraries() -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)
+    drop_abandoned_checkpoint_reads()
+
+
+def _from_orbax(filename: str | None) -> bool:
+    return "orbax" in os.path.normpath(filename or "").split(os.sep)
+
+
+def _orbax_in_traceback(traceback: types.TracebackType | None) -> bool:
+    while traceback is not None:
+        if _from_orbax(traceback.tb_frame.f_code.co_filename):
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
+_ORBAX_READ_MARKS = ("orbax", "TensorStore", "OCDBT")
+
+
+class _OrbaxReadNoise(logging.Filter):
+    """Drops Orbax's own log lines (a checkpoint it cannot read is our one-line error already) and asyncio's
+    reports of the reads it abandoned."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "absl":
+            return not _from_orbax(record.pathname)
+        message = record.getMessage()
+        if not message.partition("\n")[0].endswith("exception was never retrieved"):  # a task's, a future's ...
+            return True
+        traceback = record.exc_info[2] if record.exc_info else None
+        # A task names its coroutine's file; a bare future only TensorStore's message.
+        return not (_orbax_in_traceback(traceback) or any(mark in message for mark in _ORBAX_READ_MARKS))
+
+
+def drop_abandoned_checkpoint_reads() -> None:
+    """When one array of a checkpoint fails to read, Orbax closes the event loop of the restore at once, while
+    TensorStore still reads the others. Those reads then report, at random later moments, tens of tracebacks on
+    stderr after the tool's one-line error: their completions meet a closed loop (unraisable "Event loop is
+    closed"), and their abandoned coroutines and tasks are collected unfinished ("Exception ignored in",
+    "Task exception was never retrieved"). Nothing can wait for them (the loop is Orbax's and already closed), so
+    this drops exactly those reports, through Python's hooks for them; every other one goes through. Once per
+    process."""
+    if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == (
+            "Event loop is closed")
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine collected unfinished
+        if not (closed_loop or (code is not None and _from_orbax(code.co_filename))):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    noise = _OrbaxReadNoise()
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(noise)
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

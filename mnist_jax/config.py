@@ -33,6 +33,22 @@ class UserError(Exception):
     """Bad input from the user: reported as one line on stderr with exit code 2, never a traceback."""
 
 
+def one_line(text: str, width: int = 300) -> str:
+    """The first non-empty line of a library's message, shortened only at a word boundary beyond `width`: quoted in
+    our one-line errors, never cut mid-word."""
+    line = " ".join(next((line for line in text.splitlines() if line.strip()), "").split())
+    if len(line) <= width:
+        return line
+    cut = line.rfind(" ", 0, width - len(" ...") + 1)
+    cut = cut if cut > 0 else line.find(" ")  # one word longer than `width` stays whole
+    return f"{line[:cut]} ..." if cut > 0 else line
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 epoch', '3 epochs': a count in a message to the user."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Hyperparameters of one run. The defaults are the `default` preset, the recipe the README quotes."""

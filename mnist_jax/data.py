@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from mnist_jax import datacache
-from mnist_jax.config import UserError
+from mnist_jax.config import UserError, plural
 
 # tfds fetches datasets from this host (its GCS mirror) first. Probing it takes milliseconds, whereas
 # tfds's own download retries for minutes before it fails when there is no network.
@@ -75,19 +75,53 @@ def _builder(name: str, data_dir: str | None):
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise UserError(f"unknown dataset {name!r} (not a tfds dataset and not found in --data-dir {data_dir})")
+        _check_nearby(name, data_dir)
+        raise UserError(f"unknown dataset {name!r}: not a tfds dataset"
+                        + (f", and not prepared in the data dir {data_dir}" if data_dir else ""))
     if not builder.is_prepared():
+        _check_nearby(name, data_dir)  # before any download: a second copy in the wrong folder helps nobody
         if not network_available():
-            where = data_dir or "tfds's default data dir"
+            root = os.path.dirname(os.path.dirname(str(builder.data_dir)))  # DATA_DIR/NAME/VERSION
             raise UserError(
-                f"dataset {name!r} is not prepared in {where} and there is no network to download it; "
-                "pass --data-dir pointing at a tfds data dir that holds it"
+                f"dataset {name!r} is not prepared in {root} (no {builder.data_dir}) and there is no network to "
+                "download it; pass --data-dir pointing at a tfds data dir that holds it"
             )
         builder.download_and_prepare()
     features = builder.info.features
     if "image" not in features or "label" not in features or not hasattr(features["label"], "names"):
         raise UserError(f"dataset {name!r} is not an image-classification dataset (needs 'image' and 'label')")
     return builder
+
+
+def _prepared_in(name: str, data_dir: str) -> bool:
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, data_dir=data_dir).is_prepared()
+    except tfds.core.registered.DatasetNotFoundError:
+        return False
+
+
+def _check_nearby(name: str, data_dir: str | None) -> None:
+    """A UserError naming the data dir meant when `data_dir` lacks the dataset but is a common slip away from one
+    that holds it: the dataset's own folder or a version folder in it (DIR/mnist, DIR/mnist/3.0.1: one or two
+    levels too deep), or a folder that holds the data dir (one level too high)."""
+    if not data_dir:
+        return
+    parent = os.path.normpath(os.path.join(data_dir, os.pardir))
+    candidates = []
+    if os.path.basename(os.path.normpath(data_dir)) == name:
+        candidates.append(parent)
+    if os.path.basename(parent) == name:
+        candidates.append(os.path.normpath(os.path.join(parent, os.pardir)))
+    if os.path.isdir(data_dir):
+        with os.scandir(data_dir) as entries:
+            candidates += sorted(os.path.normpath(entry.path) for entry in entries
+                                 if entry.is_dir() and os.path.isdir(os.path.join(entry.path, name)))
+    for candidate in candidates:
+        if _prepared_in(name, candidate):
+            raise UserError(f"dataset {name!r} is not in the data dir {data_dir} but in {candidate}: pass "
+                            f"--data-dir {candidate} (the folder that holds {name}/)")
 
 
 def load_split_numpy(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +179,7 @@ def balanced_subset(labels: np.ndarray, size: int, num_classes: int, seed: int) 
     for label in range(num_classes):
         members = np.flatnonzero(labels == label)
         if len(members) < quota[label]:
-            raise UserError(f"--train-examples {size} needs {quota[label]} examples of class {label}, "
+            raise UserError(f"--train-examples {size} needs {plural(int(quota[label]), 'example')} of class {label}, "
                             f"the training split has {len(members)}")
         ranked = members[np.random.default_rng([seed, label]).permutation(len(members))]
         chosen.append(ranked[: quota[label]])

@@ -12,15 +12,17 @@ be written is skipped. Either way the run gets the same arrays as tfds gives.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from mnist_jax.workdir import atomic_file
 
 Arrays = tuple[np.ndarray, np.ndarray]  # uint8 images (N, H, W, C), int32 labels (N,)
 
@@ -85,14 +87,5 @@ def _read(path: Path, num_examples: int) -> Arrays | None:
 def _write(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """Writes the entry whole or not at all (a temporary file renamed into place), so concurrent runs and a kill
     mid-write leave no half entry; a cache that cannot be written is left alone."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    except OSError:
-        return
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, images=images, labels=labels)
-        os.replace(temporary, path)
-    except OSError:
-        Path(temporary).unlink(missing_ok=True)
+    with contextlib.suppress(OSError), atomic_file(str(path), binary=True) as file:
+        np.savez(file, images=images, labels=labels)

@@ -20,7 +20,7 @@ import numpy as np
 from mnist_jax import data, metrics, plots
 from mnist_jax.checkpoint import RestoredModel, restore_model
 from mnist_jax.cli import ArgumentParser, run_cli
-from mnist_jax.config import UserError
+from mnist_jax.config import UserError, plural
 from mnist_jax.inference import TEST_TIME_AUGMENTATION_HELP, make_predict_fn
 from mnist_jax.workdir import write_atomic
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     print(metrics.format_report(report, report["class_names"], digits=4))
     out_dir = eval_dir(args.workdir, args.split, args.tta)
     print(f"{source}: accuracy {report['accuracy']:.2%} on "
-          f"{sum(c['support'] for c in report['per_class']):,} {args.split} examples "
+          f"{plural(sum(c['support'] for c in report['per_class']), args.split + ' example')} "
           f"({time.time() - started:.1f} s) -> {out_dir}")
     return 0
 

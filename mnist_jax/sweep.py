@@ -32,7 +32,7 @@ from mnist_jax import cli, sharding, workdir
 from mnist_jax.config import Config, RunOptions, UserError, validate
 from mnist_jax.training import train_and_evaluate
 
-PLAN_FILE = "sweep.json"
+PLAN_FILE = workdir.SWEEP_PLAN_FILE
 DEFAULT_VALIDATION_FRACTION = 0.1
 Grid = dict[str, list[Any]]
 
@@ -185,7 +185,7 @@ def write_results(sweep_dir: str, rows: list[dict[str, Any]], names: list[str]) 
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(ranked)
-    workdir.write_atomic(os.path.join(sweep_dir, "results.csv"), buffer.getvalue())
+    workdir.write_atomic(os.path.join(sweep_dir, workdir.SWEEP_RESULTS_FILE), buffer.getvalue())
     workdir.write_atomic(os.path.join(sweep_dir, "results.md"), format_markdown(ranked, columns))
     from mnist_jax.plots import plot_sweep
 

@@ -19,7 +19,7 @@ import numpy as np
 from mnist_jax import backend, checkpoint, data, inference, metrics, sharding, steps, summaries, workdir
 from mnist_jax.distributed import runlock
 from mnist_jax.augment import Augmentation, deskew, random_warp, training_augmentation
-from mnist_jax.config import Config, RunOptions, UserError, validate
+from mnist_jax.config import Config, RunOptions, UserError, plural, validate
 from mnist_jax.model import CNN, build_model
 from mnist_jax.optim import learning_rate_schedule, make_optimizer
 
@@ -32,6 +32,7 @@ def train_and_evaluate(config: Config, options: RunOptions, started: float | Non
     sharding.check_divisible(config.batch_size, mesh)
     sharding.check_divisible(config.eval_batch_size, mesh, "--eval-batch-size")
 
+    workdir.check_trainable(options.workdir)
     if jax.process_count() == 1:  # a busy workdir fails at once, before the data loads
         runlock.check_free(options.workdir)
     dataset = data.load_dataset(config.dataset, options.data_dir, sharding.replicated(mesh), config.train_examples,
@@ -76,7 +77,7 @@ def _train(config: Config, options: RunOptions, started: float, mesh, dataset: d
     if len(history) >= config.epochs:
         if primary and options.tensorboard and not summaries.has_final(options.workdir):
             _write_final_summary(options.workdir, config, history, model, state, dataset)
-        print(f"run complete: {config.epochs} epochs already trained in {options.workdir}", flush=True)
+        print(f"run complete: {plural(config.epochs, 'epoch')} already trained in {options.workdir}", flush=True)
         manager.close()
         return history
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mnist_jax import checkpoint, cli, data, steps, workdir
-from mnist_jax.config import ARCHITECTURE_FIELDS, FREEZE_CHOICES, Config, UserError, validate
+from mnist_jax.config import ARCHITECTURE_FIELDS, FREEZE_CHOICES, Config, UserError, one_line, validate
 from mnist_jax.model import HEAD
 from mnist_jax.training import train_and_evaluate
 
@@ -35,10 +35,12 @@ def load_source(source_dir: str) -> checkpoint.RestoredModel:
         raise UserError(f"--from {source_dir}: no such directory (it must be a finished training workdir)")
     try:
         return checkpoint.restore_model(source_dir, "best")
+    except checkpoint.UnreadableCheckpoint as error:  # its --checkpoint hint is for the reading tools
+        raise UserError(f"--from {source_dir} is not a usable source run: {error.problem}")
     except UserError as error:
         raise UserError(f"--from {source_dir} is not a usable source run: {error}")
     except Exception as error:  # noqa: BLE001 -- a corrupt meta or config is unusable, whatever the exception.
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        reason = one_line(str(error)) or type(error).__name__
         raise UserError(f"--from {source_dir} is not a usable source run: {reason}")
 
 

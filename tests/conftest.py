@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (CHROMIUM, CHROMIUM_ARGS, IN_PROCESS, SHARED_DATA, STRONG_TINY_FLAGS, SUBPROCESS, TINY_FLAGS, TINY_RUN_FLAGS,
-                     XLA_CACHE_VARIABLE, Way, built_once, npm_pack, refuse_python_subprocesses, shared_path,
-                     trained_once, write_tiny_dataset)
+from helpers import (CHROMIUM, CHROMIUM_ARGS, CLASS_NAMES, IN_PROCESS, NAMED, STRONG_TINY_FLAGS, SUBPROCESS,
+                     TINY_FLAGS, TINY_RUN_FLAGS, XLA_CACHE_VARIABLE, Way, built_once, npm_pack, real_data_dir,
+                     real_data_missing, refuse_python_subprocesses, shared_path, trained_once, write_tiny_dataset)
 from mnist_jax.datacache import CACHE_VARIABLE as DATA_CACHE_VARIABLE
 
 
@@ -82,10 +82,23 @@ def tiny_variants_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def named_data_dir(tmp_path_factory) -> Path:
+    """`tiny_named`: tiny_digits' images, classes named like fashion_mnist's (T-shirt/top, ..., Ankle boot)."""
+    path = shared_path(tmp_path_factory, "tiny-named-tfds")
+    with built_once(path) as needed:
+        if needed:
+            write_tiny_dataset(path, train=320, test=100, seed=3, name=NAMED, class_names=CLASS_NAMES)
+    return path
+
+
+@pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
-    if not (SHARED_DATA / "mnist").is_dir():
-        pytest.skip(f"real MNIST not available: {SHARED_DATA} is absent (it sits beside the repository in CI)")
-    return SHARED_DATA
+    """Real MNIST for the `slow` tests: $MNIST_JAX_TEST_DATA_DIR, else ../shared/tensorflow_datasets (CI's)."""
+    path = real_data_dir()
+    missing = real_data_missing(path)
+    if missing:
+        pytest.skip(missing)
+    return path
 
 
 # --------------------------------------------------------------------------------------------- training runs
@@ -120,6 +133,15 @@ def mnist_run(tmp_path_factory, shared_data_dir) -> Path:
     give 98.88% in 30 s more; the real-data tests ask for 97% (evaluate), 95% (predict) and 7 of 10 drawn digits."""
     return trained_once(tmp_path_factory, "mnist-run", "--data-dir", shared_data_dir, "--epochs", "1",
                         "--train-examples", "20000", "--no-progress", timeout=600)
+
+
+@pytest.fixture(scope="session")
+def named_run_in_process(tmp_path_factory, named_data_dir) -> Path:
+    """One epoch of a small model on tiny_named, trained by the training command's main in a test process: a run
+    whose classes have names."""
+    return trained_once(tmp_path_factory, "named-run-in-process", "--data-dir", named_data_dir, *TINY_FLAGS,
+                        "--dataset", NAMED, "--epochs", "1", "--conv-features", "8,16", "--dense-features", "32",
+                        in_process=True)
 
 
 # --------------------------------------------------------------------------------------------- both ways

@@ -39,6 +39,9 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The `slow` tests' real MNIST: a tfds data dir holding mnist prepared, named by this variable, else the one CI puts
+# beside the repository.
+REAL_DATA_VARIABLE = "MNIST_JAX_TEST_DATA_DIR"
 SHARED_DATA = REPO.parent / "shared" / "tensorflow_datasets"
 TINY = "tiny_digits"  # The synthetic dataset's tfds name.
 XLA_CACHE_VARIABLE = "MNIST_JAX_TESTS_XLA_CACHE"  # the session's compilation cache, for the CLIs tests start
@@ -48,6 +51,10 @@ TINY_FLAGS = ("--dataset", TINY, "--batch-size", "32", "--eval-batch-size", "100
 TINY_RUN_FLAGS = ("--epochs", "3", "--learning-rate", "0.003")  # tiny_run (3 epochs of 20 steps)
 STRONG_TINY_FLAGS = ("--epochs", "3", "--warmup-epochs", "0.5", "--validation-fraction", "0.25")  # strong_tiny_run
 SMALL_MODEL = {"conv_features": (8, 16), "dense_features": (32,)}  # for tests that do not depend on the architecture
+# tiny_named: tiny_digits' images with fashion_mnist's class names, for the tools that print or return a class.
+NAMED = "tiny_named"
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot")
 TIMING_FIELDS = {"train_images_per_second", "elapsed_seconds"}  # wall-clock facts of a history, not results
 
 # How a test runs a tool: `main` called in this process (the fast tier), or `python -m` in a subprocess (e2e).
@@ -73,10 +80,10 @@ def numpy_softmax(logits) -> np.ndarray:
 
 
 def write_tiny_dataset(data_dir: Path, train: int = 640, test: int = 200, seed: int = 0, name: str = TINY,
-                       num_classes: int = 10, channels: int = 1) -> Path:
-    """Writes `tiny_digits` (or a variant: fewer classes, more channels) into data_dir with tfds's writer, so
-    tests read it through the real loader. (Not `tfds.testing.mock_data`: `tfds.load(..., batch_size=-1)` under
-    it aborts the process.)"""
+                       num_classes: int = 10, channels: int = 1, class_names: tuple[str, ...] | None = None) -> Path:
+    """Writes `tiny_digits` (or a variant: fewer classes, more channels, classes with names rather than numbers)
+    into data_dir with tfds's writer, so tests read it through the real loader. (Not `tfds.testing.mock_data`:
+    `tfds.load(..., batch_size=-1)` under it aborts the process.)"""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
     import tensorflow_datasets as tfds
@@ -91,13 +98,29 @@ def write_tiny_dataset(data_dir: Path, train: int = 640, test: int = 200, seed: 
 
     features = tfds.features.FeaturesDict(
         {"image": tfds.features.Image(shape=(28, 28, channels)),
-         "label": tfds.features.ClassLabel(num_classes=num_classes)}
+         "label": tfds.features.ClassLabel(names=class_names) if class_names else
+         tfds.features.ClassLabel(num_classes=num_classes)}
     )
     tfds.dataset_builders.store_as_tfds_dataset(
         name=name, version="1.0.0", features=features, data_dir=str(data_dir),
         split_datasets={"train": split(train), "test": split(test)}, disable_shuffling=True,
     )
     return data_dir
+
+
+def real_data_dir() -> Path:
+    """Where the `slow` tests look for real MNIST: $MNIST_JAX_TEST_DATA_DIR, else SHARED_DATA."""
+    chosen = os.environ.get(REAL_DATA_VARIABLE)
+    return Path(chosen) if chosen else SHARED_DATA
+
+
+def real_data_missing(data_dir: Path) -> str | None:
+    """Why the `slow` tests skip with `data_dir`, naming where they looked and how to point them elsewhere; None
+    when it holds mnist."""
+    if (data_dir / "mnist").is_dir():
+        return None
+    return (f"real MNIST not available: no {data_dir / 'mnist'}; set {REAL_DATA_VARIABLE} to a tfds data dir that "
+            "holds mnist prepared")
 
 
 # --------------------------------------------------------------------------------------------- session-wide builds
@@ -419,6 +442,20 @@ def corrupt(step_dir):
         for name in files:
             with open(os.path.join(root, name), "r+b") as handle:
                 handle.truncate(0)
+
+
+def overwrite_data_files(step_dir, arrays_only: bool = True):
+    """Overwrites a checkpoint's data files (TensorStore's OCDBT `d/` folders) with random bytes of the same size,
+    leaving its JSON files whole: with `arrays_only`, those of the arrays themselves (`ocdbt.process_N/d/`), so the
+    restore fails while reading them; else the array metadata's too."""
+    rng = np.random.default_rng(0)
+    for root, _, files in os.walk(step_dir):
+        if os.path.basename(root) != "d" or (arrays_only and not os.path.basename(os.path.dirname(root)).startswith(
+                "ocdbt.process")):
+            continue
+        for name in files:
+            path = os.path.join(root, name)
+            Path(path).write_bytes(rng.integers(0, 256, os.path.getsize(path), dtype=np.uint8).tobytes())
 
 
 # --------------------------------------------------------------------------------------------- serving

@@ -2,7 +2,9 @@
 wait for each other, the XLA:CPU options per CPU, and the training tools' restart onto huge-page malloc."""
 
 import dataclasses
+import io
 import os
+import sys
 import types
 from unittest import mock
 
@@ -41,6 +43,25 @@ def test_the_cpu_epoch_runner_equals_the_on_device_scan():
     for x, y in zip(jax.tree_util.tree_leaves((looped.params, looped.ema)),
                     jax.tree_util.tree_leaves((scanned.params, scanned.ema))):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stderr, shown", [(io.StringIO, False), (Terminal, True)])
+def test_the_progress_bar_shows_only_on_a_terminal(stderr, shown, monkeypatch):
+    """tqdm's disable=None: `train ... 2> log` must not fill the log with the bar's frames; a terminal gets the bar."""
+    split = tiny_split()
+    state = new_state()
+    runner = backend.EpochRunner(train_step(), state, split, 32, sharding.make_mesh(1), progress=True)
+    if backend.uses_on_device_epoch(jax.devices()[0].platform):
+        pytest.skip("GPU and TPU run the epoch as one call, without a bar")
+    written = stderr()
+    monkeypatch.setattr(sys, "stderr", written)
+    runner.run(state, split, jax.random.permutation(jax.random.PRNGKey(3), 96).reshape(3, 32), "epoch 1/1")
+    assert ("epoch 1/1" in written.getvalue()) == shown, written.getvalue()
 
 
 def fake_mesh(size: int, platform: str):

@@ -1,12 +1,20 @@
+"""Orbax checkpoints: save, resume, keep the latest and the best, restore for inference; and what every tool does
+with a corrupt one (train moves it aside and resumes; the reading tools stop with one line naming one that reads)."""
+
 import os
+import re
+import shutil
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from PIL import Image
 
 from mnist_jax import checkpoint
 from mnist_jax.config import Config, UserError
 
-from helpers import assert_trees_equal, corrupt, fixed_batch, meta, save_epochs, train_step, trained_state
+from helpers import (assert_trees_equal, corrupt, fixed_batch, meta, overwrite_data_files, save_epochs, snapshot,
+                     train_step, trained_state)
 
 
 def test_save_then_restore_gives_equal_arrays(tmp_path):
@@ -81,3 +89,102 @@ def test_corrupt_latest_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
     # Nothing is lost: the corrupt checkpoint is moved aside, not deleted.
     assert len(os.listdir(tmp_path / "checkpoints-corrupt")) == 1
     assert sorted(manager.all_steps()) == [3]
+
+
+# --------------------------------------------------------------------------------------------- the reading tools
+CORRUPTIONS = {
+    "truncated": corrupt,  # every file empty, its JSON too
+    "array data overwritten": overwrite_data_files,  # TensorStore fails while reading the arrays
+    "array metadata overwritten": lambda step_dir: overwrite_data_files(step_dir, arrays_only=False),
+}
+READING_TOOLS = {  # each reading tool's arguments besides --workdir
+    "mnist_jax.evaluate": lambda data_dir, image: ("--data-dir", data_dir),
+    "mnist_jax.predict": lambda data_dir, image: (image,),
+    "mnist_jax.serve": lambda data_dir, image: ("--port", "0"),
+    "mnist_jax.export": lambda data_dir, image: ("--data-dir", data_dir, "--formats", "onnx"),
+}
+# One whole line: the checkpoint, why (TensorStore's own message, without its many-line spec), and what reads.
+REFUSAL = re.compile(r"error: checkpoint 60 in (\S+)/checkpoints is unreadable \((.+)\); "
+                     r"the newest readable one is 40: pass --checkpoint 40\n")
+
+
+def corrupt_copy(run, tmp_path, corruption: str):
+    """A copy of a finished run (checkpoints 20, 40, 60) whose newest checkpoint is corrupt."""
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir)
+    CORRUPTIONS[corruption](workdir / "checkpoints" / "60")
+    return workdir
+
+
+def assert_refused(result, workdir) -> None:
+    """Exit 2 with only the one line: no traceback, no asyncio report of the reads Orbax abandoned."""
+    assert result.returncode == 2, result.stderr
+    match = REFUSAL.fullmatch(result.stderr)
+    assert match, result.stderr
+    assert match.group(1) == str(workdir)  # as given
+    assert "TensorStore details" not in match.group(2) and "<bound method" not in match.group(2)
+
+
+@pytest.mark.parametrize("tool", sorted(READING_TOOLS))
+def test_the_reading_tools_name_the_unreadable_checkpoint_and_the_newest_that_reads(way, tool, tiny_data_dir,
+                                                                                   tmp_path):
+    """As the issue found it: the data files of the newest checkpoint overwritten. evaluate, predict, serve and
+    export stop alike, move nothing, and say which checkpoint to use instead."""
+    workdir = corrupt_copy(way.fixture("tiny_run"), tmp_path, "array data overwritten")
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.pad(np.full((12, 6), 255, np.uint8), 8)).save(image)
+    before = snapshot(workdir)
+    result = way.run(tool, "--workdir", workdir, *READING_TOOLS[tool](tiny_data_dir, image))
+    assert_refused(result, workdir)
+    assert snapshot(workdir) == before  # reading tools never move a checkpoint (train does)
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_every_kind_of_corruption_gets_the_line_and_the_named_checkpoint_reads(corruption, tiny_run_in_process,
+                                                                               tiny_data_dir, tmp_path):
+    from mnist_jax.evaluate import main as evaluate_main
+
+    from helpers import run_main_in_process
+
+    workdir = corrupt_copy(tiny_run_in_process, tmp_path, corruption)
+    for which in ("best", "latest", "60"):  # best: the newest checkpoint's history names it
+        result = run_main_in_process(evaluate_main, "--workdir", workdir, "--data-dir", tiny_data_dir,
+                                     "--checkpoint", which)
+        assert_refused(result, workdir)
+    followed = run_main_in_process(evaluate_main, "--workdir", workdir, "--data-dir", tiny_data_dir,
+                                   "--checkpoint", "40")
+    assert followed.returncode == 0, followed.stderr
+    assert "checkpoint step 40" in followed.stdout
+
+
+def test_with_no_readable_checkpoint_the_line_says_so(tiny_run_in_process, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run_in_process, workdir)
+    for step in ("20", "40", "60"):
+        overwrite_data_files(workdir / "checkpoints" / step)
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match=r"checkpoint 60 .* no other checkpoint in it is "
+                                                               r"readable$") as raised:
+        checkpoint.restore_model(str(workdir))
+    assert raised.value.readable is None
+
+
+def test_one_line_never_cuts_a_word():
+    from mnist_jax.config import one_line
+
+    assert one_line("first  line \nsecond") == "first line"
+    assert one_line("word " * 100, 30) == "word word word word word ..."
+    assert one_line("/a/very/long/path" * 10 + " and more", 30) == "/a/very/long/path" * 10 + " ..."
+    assert one_line("") == ""
+
+
+def test_a_long_reason_is_shortened_at_a_word_boundary():
+    words = " ".join(f"word{i}" for i in range(200))
+    cause = ValueError(words + "\nsecond line")
+    try:
+        raise Exception("wrapper: " + "x" * 500) from cause
+    except Exception as error:  # noqa: BLE001
+        reason = checkpoint.failure_reason(error)
+    assert reason.endswith(" ...") and len(reason) <= 300
+    assert all(word.startswith("word") for word in reason.removesuffix(" ...").split())  # whole words only
+    assert "second line" not in reason and "wrapper" not in reason  # the root cause's first line
+    assert checkpoint.failure_reason(KeyError("meta")) == "KeyError: 'meta'"

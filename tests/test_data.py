@@ -1,4 +1,6 @@
+import shutil
 import socket
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -58,8 +60,67 @@ def test_missing_dataset_offline_fails_at_once_naming_data_dir(monkeypatch, tmp_
     monkeypatch.setattr(socket.socket, "connect", attempted("socket.connect"))
     with pytest.raises(UserError, match="--data-dir") as error:
         data.load_dataset("mnist", str(tmp_path))
-    assert str(tmp_path) in str(error.value) and "no network" in str(error.value)
+    assert str(error.value).startswith(f"dataset 'mnist' is not prepared in {tmp_path} (no {tmp_path}/mnist/")
+    assert "no network" in str(error.value)
     assert type(tfds.builder("mnist", data_dir=str(tmp_path))).download_and_prepare is download  # the one it calls
+
+
+@pytest.mark.e2e
+def test_without_data_dir_the_error_names_tfds_default_folder(monkeypatch, tmp_path):
+    """No --data-dir and no $TFDS_DATA_DIR: the message names the folder tfds looked in, ~/tensorflow_datasets."""
+    from helpers import run_module
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    result = run_module("mnist_jax.train", "--workdir", tmp_path / "run")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: dataset 'mnist' is not prepared in {tmp_path / 'tensorflow_datasets'} "
+                                    f"(no {tmp_path / 'tensorflow_datasets' / 'mnist'}/"), result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("given", ["tfds/tiny_digits", "tfds/tiny_digits/1.0.0", "tfds/tiny_digits/", "."])
+def test_a_data_dir_a_level_off_is_named_with_the_one_that_holds_the_dataset(given, tiny_data_dir, tmp_path):
+    """One or two levels too deep (the dataset's own folder, its version folder), or one too high; through the
+    training command, which then creates nothing."""
+    from mnist_jax.train import main as train_main
+
+    from helpers import TINY_FLAGS, run_main_in_process
+
+    shutil.copytree(tiny_data_dir, tmp_path / "tfds", ignore=shutil.ignore_patterns("*.lock", ".done"))
+    given = f"{tmp_path}/{given}"
+    result = run_main_in_process(train_main, "--workdir", tmp_path / "run", "--data-dir", given, *TINY_FLAGS)
+    assert result.returncode == 2
+    assert result.stderr == (f"error: dataset 'tiny_digits' is not in the data dir {given} but in "
+                             f"{tmp_path / 'tfds'}: pass --data-dir {tmp_path / 'tfds'} (the folder that holds "
+                             "tiny_digits/)\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_data_dir_too_deep_is_named_for_a_tfds_dataset_too(shared_data_dir):
+    """A registered dataset (mnist) takes the other path: found by name, not prepared where pointed; no download
+    starts even where a network exists."""
+    for given in (shared_data_dir / "mnist", shared_data_dir / "mnist" / "3.0.1"):
+        with pytest.raises(UserError) as error:
+            data.load_split_numpy("mnist", "test", str(given))
+        assert str(error.value) == (f"dataset 'mnist' is not in the data dir {given} but in {shared_data_dir}: pass "
+                                    f"--data-dir {shared_data_dir} (the folder that holds mnist/)")
+
+
+def test_the_slow_tests_real_data_dir_is_a_documented_knob(monkeypatch, tmp_path):
+    """$MNIST_JAX_TEST_DATA_DIR points the `slow` tests at real MNIST anywhere; their skip message names it."""
+    from helpers import REAL_DATA_VARIABLE, SHARED_DATA, real_data_dir, real_data_missing
+
+    monkeypatch.delenv(REAL_DATA_VARIABLE, raising=False)
+    assert real_data_dir() == SHARED_DATA
+    monkeypatch.setenv(REAL_DATA_VARIABLE, str(tmp_path))
+    assert real_data_dir() == tmp_path
+    assert real_data_missing(tmp_path) == (f"real MNIST not available: no {tmp_path / 'mnist'}; set "
+                                           f"{REAL_DATA_VARIABLE} to a tfds data dir that holds mnist prepared")
+    (tmp_path / "mnist").mkdir()
+    assert real_data_missing(tmp_path) is None
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"{REAL_DATA_VARIABLE}=" in readme
 
 
 def test_epoch_permutation_is_a_keyed_shuffle_without_repeats():

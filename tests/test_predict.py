@@ -9,10 +9,11 @@ from PIL import Image
 from mnist_jax.augment import TEST_TIME_VIEWS, apply_view
 from mnist_jax.checkpoint import restore_model
 from mnist_jax.data import load_split_numpy
+from mnist_jax.export import runtimes
 from mnist_jax.images import preprocess_file
-from mnist_jax.predict import format_result, predict_files
+from mnist_jax.predict import classify_files, format_result, predict_files
 
-from helpers import numpy_softmax
+from helpers import CLASS_NAMES, IN_PROCESS, numpy_softmax, run_tool
 
 
 def save_forms(image: np.ndarray, directory, stem: str) -> list[str]:
@@ -67,9 +68,42 @@ def test_predict_missing_workdir(way, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_run_with_class_names_prints_and_returns_them(named_run_in_process, tmp_path):
+    """fashion_mnist's 7 is a Sneaker: the text says so, and --json gives the name beside the index."""
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.pad(np.full((12, 6), 255, np.uint8), 8)).save(digit)
+    as_json = run_tool(IN_PROCESS, "mnist_jax.predict", "--workdir", named_run_in_process, digit, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    [entry] = json.loads(as_json.stdout)
+    assert list(entry) == ["file", "prediction", "class_name", "probabilities"]
+    assert entry["prediction"] == int(np.argmax(entry["probabilities"]))
+    assert entry["class_name"] == CLASS_NAMES[entry["prediction"]]
+    text = run_tool(IN_PROCESS, "mnist_jax.predict", "--workdir", named_run_in_process, digit)
+    p = np.asarray(entry["probabilities"])
+    top = np.argsort(-p, kind="stable")[:3]
+    assert text.stdout == (f"{digit}: {entry['class_name']} ({p.max():.1%})   top 3: "
+                           + ", ".join(f"{CLASS_NAMES[i]} {p[i]:.1%}" for i in top) + "\n")
+
+
+def test_an_exported_models_class_names_come_from_its_manifest(tmp_path):
+    (tmp_path / "export" / "savedmodel" / "1").mkdir(parents=True)
+    (tmp_path / "export" / "export.json").write_text(json.dumps({"class_names": list(CLASS_NAMES)}))
+    assert runtimes.class_names(str(tmp_path / "export" / "model_int8.tflite")) == CLASS_NAMES
+    assert runtimes.class_names(str(tmp_path / "export" / "savedmodel" / "1")) == CLASS_NAMES
+    assert runtimes.class_names(str(tmp_path / "model.onnx")) is None  # copied away from its manifest
+    probabilities = np.eye(10, dtype=np.float32)[[7]]
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.pad(np.full((12, 6), 255, np.uint8), 8)).save(digit)
+    for names, expected in ((CLASS_NAMES, "Sneaker"), (None, "7"), (CLASS_NAMES[:5], "7")):  # 5 names: not this one's
+        [result] = classify_files(lambda images: probabilities, names, [str(digit)])
+        assert (result["prediction"], result["class_name"]) == (7, expected)
+
+
 def test_format_result_ranks_the_top_three():
-    line = format_result({"file": "a.png", "prediction": 3, "probabilities": [0.1, 0, 0.2, 0.6, 0.1] + [0] * 5})
-    assert line == "a.png: 3 (60.0%)   top 3: 3 60.0%, 2 20.0%, 0 10.0%"
+    result = {"file": "a.png", "prediction": 3, "probabilities": [0.1, 0, 0.2, 0.6, 0.1] + [0] * 5}
+    assert format_result(result) == "a.png: 3 (60.0%)   top 3: 3 60.0%, 2 20.0%, 0 10.0%"
+    assert format_result(result, CLASS_NAMES) == ("a.png: Dress (60.0%)   top 3: Dress 60.0%, Pullover 20.0%, "
+                                                  "T-shirt/top 10.0%")
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ README stays a product page (at most 250 lines), and nothing in them is dated or
 import argparse
 import dataclasses
 import importlib
+import os
 import re
 import shlex
 import sys
@@ -166,3 +167,22 @@ def test_the_flag_table_lists_every_config_flag_with_its_real_values():
     table = [line for line in section.splitlines() if line.startswith("| `--")]
     expected = flag_table_rows()
     assert table == expected, "docs/usage.md's flag table should read:\n" + "\n".join(expected)
+
+
+def test_the_workdir_table_names_everything_a_finished_run_holds(tiny_run_in_process):
+    section = README.read_text().split("## What a workdir holds", 1)[1].split("\n## ", 1)[0]
+    listed = {re.match(r"\| `([^`/<]+)", line).group(1) for line in section.splitlines()
+              if re.match(r"\| `[^`]+` \|", line)}
+    held = set(os.listdir(tiny_run_in_process)) - {".done"}  # the test session's own marker (helpers.built_once)
+    assert held <= listed, sorted(held - listed)
+    assert {"run.lock", "checkpoints", "config.json"} <= listed
+
+
+def test_the_readme_gives_every_exit_code():
+    text = README.read_text()
+    assert "exit code 2" in text and "`predict` exits 1 when an image" in text
+
+
+def test_every_parser_takes_flags_only_as_spelt(parsers):
+    """No prefix matching: `--epoch 1` must not quietly mean `--epochs 1`."""
+    assert [tool for tool, parser in parsers.items() if parser.allow_abbrev] == []

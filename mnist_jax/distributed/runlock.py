@@ -57,7 +57,7 @@ def exclusive(workdir: str) -> Iterator[None]:
     process has it."""
     os.makedirs(workdir, exist_ok=True)
     # O_CLOEXEC: a program this process executes must not inherit, and so keep, the lock.
-    fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

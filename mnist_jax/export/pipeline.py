@@ -26,7 +26,7 @@ import numpy as np
 from mnist_jax import data
 from mnist_jax.export import onnx_graph, runtimes, tf_formats, webapp, webruntime
 from mnist_jax.checkpoint import RestoredModel, restore_model
-from mnist_jax.config import UserError
+from mnist_jax.config import UserError, one_line
 from mnist_jax.inference import make_predict_fn
 from mnist_jax.workdir import write_atomic
 
@@ -40,7 +40,7 @@ FLOAT_TOLERANCE = 1e-4  # float32 formats: largest probability difference from J
 QUANTISED_ACCURACY_TOLERANCE = 0.003  # fp16 and int8: test accuracy within 0.3 percentage points of JAX's
 CALIBRATION_IMAGES = 300  # training images that calibrate int8 quantisation (never test images)
 EXPECTED_SHAPE = (28, 28, 1)
-MANIFEST = "export.json"
+MANIFEST = runtimes.MANIFEST
 SERVING_VERSION = "1"  # TF Serving loads numbered versions: savedmodel/1/
 
 
@@ -273,5 +273,5 @@ def _remove(path: str) -> None:
 
 
 def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    text = one_line(str(error))
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -7,6 +7,7 @@ Runtime come with the `[export]` extra (TensorFlow is in the core); each is impo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from importlib import metadata
@@ -15,11 +16,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from mnist_jax import extras
-from mnist_jax.config import UserError
+from mnist_jax.config import UserError, one_line
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 RUNTIME_PACKAGES = {"tflite": "ai-edge-litert", "onnx": "onnxruntime", "savedmodel": "tensorflow-cpu"}
 EXTRA_RUNTIMES = {"tflite": "ai_edge_litert", "onnx": "onnxruntime"}  # the modules the [export] extra brings
+MANIFEST = "export.json"  # written by export beside its files: class_names, checkpoint, checks
 
 
 def runtime_kind(path: str) -> str:
@@ -51,7 +53,22 @@ def load(path: str, threads: int | None = None) -> PredictFn:
     except UserError:
         raise
     except Exception as error:  # noqa: BLE001  (each runtime raises its own types for a bad file)
-        raise UserError(f"{path}: cannot be loaded by {RUNTIME_PACKAGES[kind]}: {str(error).splitlines()[0][:200]}")
+        raise UserError(f"{path}: cannot be loaded by {RUNTIME_PACKAGES[kind]}: {one_line(str(error))}")
+
+
+def class_names(path: str) -> tuple[str, ...] | None:
+    """The class names of an exported model, from the export.json of the folder export wrote it to (the file's
+    folder, or the one above a SavedModel's version folder); None when there is no such manifest."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for candidate in (folder, os.path.dirname(folder)):
+        try:
+            with open(os.path.join(candidate, MANIFEST)) as file:
+                names = json.load(file).get("class_names")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(names, list) and all(isinstance(name, str) for name in names):
+            return tuple(names)
+    return None
 
 
 def tflite_operators(path_or_bytes: str | bytes) -> set[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import html
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from typing import Annotated, Any, Callable
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
@@ -60,7 +61,8 @@ class PixelsRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    prediction: int
+    prediction: int = Field(description="the class index")
+    class_name: str = Field(description="the class's name in the dataset (for mnist the digit itself)")
     probabilities: list[float]
 
 
@@ -160,14 +162,21 @@ def create_app(model: Any, predict: Callable[[np.ndarray], np.ndarray], max_body
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return error_response(422, "invalid request")
 
+    class_names = list(model.class_names)
     page_html = page.render(
         assets="/static/", hint="Use your mouse, pen or finger. The model guesses as you draw.",
         scripts=["drawing.js", "app.js"],
-        footer='JSON API: POST /api/predict, described in <a href="/openapi.json">/openapi.json</a>')
+        footer='JSON API: POST /api/predict, described in <a href="/openapi.json">/openapi.json</a>',
+        head=[f'<meta name="class-names" content="{html.escape(json.dumps(class_names))}">'])
+    icon = page.favicon()
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page_html, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(icon, media_type="image/x-icon", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/healthz", response_model=Health, summary="Liveness and the checkpoint being served")
     async def healthz() -> dict[str, Any]:
@@ -201,8 +210,9 @@ def create_app(model: Any, predict: Callable[[np.ndarray], np.ndarray], max_body
         else:
             image = await loop.run_in_executor(preprocess_pool, preprocess_upload, body)
         probabilities, batch_size = await batcher.predict(image)
-        values = [float(p) for p in probabilities]
-        return JSONResponse({"prediction": int(np.argmax(probabilities)), "probabilities": values},
+        index = int(np.argmax(probabilities))
+        return JSONResponse({"prediction": index, "class_name": class_names[index],
+                             "probabilities": [float(p) for p in probabilities]},
                             headers={"X-Batch-Size": str(batch_size)})
 
     return app

@@ -7,6 +7,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import html
 import io
 import json
 import re
@@ -103,7 +104,8 @@ def test_png_prediction_matches_the_predict_cli_path(client, served, tmp_path) -
         response = post_png(client, data)
         assert response.status_code == 200, response.text
         body = response.json()
-        assert set(body) == {"prediction", "probabilities"}
+        assert set(body) == {"prediction", "class_name", "probabilities"}
+        assert body["class_name"] == str(body["prediction"])  # tiny_digits' classes are named 0 to 9, like MNIST's
         assert len(body["probabilities"]) == 10
         assert sum(body["probabilities"]) == pytest.approx(1.0, abs=1e-5)
         np.testing.assert_allclose(body["probabilities"], expected, atol=1e-5)
@@ -303,3 +305,56 @@ def test_port_in_use_is_a_one_line_error(way) -> None:
         result = way.run("mnist_jax.serve", "--workdir", tiny_run, "--port", taken.getsockname()[1])
     assert result.returncode == 2
     assert "cannot listen on 127.0.0.1" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_run_with_class_names_answers_them_and_its_page_shows_them(named_run_in_process) -> None:
+    """The JSON answer gains the class's name beside its index; the page carries the names its script shows."""
+    from fastapi.testclient import TestClient
+
+    from mnist_jax.checkpoint import restore_model
+    from mnist_jax.inference import make_predict_fn
+    from mnist_jax.serve import app as serve
+
+    from helpers import CLASS_NAMES
+
+    model = restore_model(str(named_run_in_process))
+    app = serve.create_app(model, make_predict_fn(model, batch_size=serve.DEFAULT_MAX_BATCH))
+    with TestClient(app) as named:
+        for label, image in enumerate(make_tiny_images(np.arange(10), np.random.default_rng(3))[..., 0]):
+            body = named.post("/api/predict", json={"pixels": image.tolist()}).json()
+            assert body["class_name"] == CLASS_NAMES[body["prediction"]]
+        page = named.get("/").text
+        [names] = re.findall(r'<meta name="class-names" content="([^"]*)">', page)
+        assert json.loads(html.unescape(names)) == list(CLASS_NAMES)
+        script = named.get("/static/drawing.js").text
+        assert 'meta[name="class-names"]' in script and "nameOf(prediction)" in script
+
+
+def test_the_favicon_is_an_icon(client) -> None:
+    """Browsers ask for /favicon.ico unbidden; a 404 there is an error in every visitor's console."""
+    response = client.get("/favicon.ico")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/x-icon"
+    with Image.open(io.BytesIO(response.content)) as icon:
+        assert icon.format == "ICO" and {(16, 16), (32, 32)} <= set(icon.info["sizes"])
+
+
+@pytest.mark.e2e
+def test_the_page_shows_the_class_name(browser, named_run_in_process, tmp_path) -> None:
+    """Drawn on the page of a run whose classes have names: the prediction shown is a name, as the API's."""
+    from helpers import CLASS_NAMES, draw, settled_prediction
+
+    running = ServerProcess(named_run_in_process, log_dir=tmp_path)
+    try:
+        context = browser.new_context(viewport={"width": 800, "height": 900})
+        page = context.new_page()
+        errors = []
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.goto(running.url + "/")
+        draw(page, make_tiny_images(np.array([7]), np.random.default_rng(0))[0, ..., 0])
+        shown = settled_prediction(page)
+        assert shown in CLASS_NAMES, shown
+        assert page.locator(".bar").nth(7).get_attribute("title") == "Sneaker"
+        assert errors == []  # no 404 for /favicon.ico either
+        context.close()
+    finally:
+        assert running.stop() == 0, running.stderr

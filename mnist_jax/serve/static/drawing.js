@@ -6,7 +6,11 @@
 window.startDrawingPage = (classify) => {
   const DEBOUNCE_MS = 50;
   const LINE_WIDTH = 18; // in canvas pixels (280 wide): ~2 MNIST pixels for a digit drawn across the canvas
-  const CLASSES = 10;
+  // The classes' names where the page carries them (serve's: <meta name="class-names">), else their indices.
+  const namesMeta = document.querySelector('meta[name="class-names"]');
+  const names = namesMeta ? JSON.parse(namesMeta.content) : null;
+  const CLASSES = names ? names.length : 10;
+  const nameOf = (i) => (names ? names[i] : String(i));
 
   const canvas = document.getElementById("canvas");
   const ctx = canvas.getContext("2d");
@@ -20,6 +24,7 @@ window.startDrawingPage = (classify) => {
     const bar = document.createElement("div");
     bar.className = "bar";
     bar.innerHTML = `<div class="fill"></div><div class="digit">${i}</div>`;
+    bar.title = nameOf(i);
     barsEl.appendChild(bar);
     bars.push(bar);
   }
@@ -120,7 +125,9 @@ window.startDrawingPage = (classify) => {
   }
 
   function show(prediction, probabilities) {
-    predictionEl.textContent = prediction === null ? "" : String(prediction);
+    const label = prediction === null ? "" : nameOf(prediction);
+    predictionEl.textContent = label;
+    predictionEl.classList.toggle("long", label.length > 2); // a word (Sneaker), not a digit: smaller type
     confidenceEl.textContent = prediction === null ? "" : `${(probabilities[prediction] * 100).toFixed(1)}% sure`;
     bars.forEach((bar, i) => {
       const p = probabilities ? probabilities[i] || 0 : 0;
