@@ -32,8 +32,8 @@ NUM_EXAMPLES = 8192
 MEAN, STD = 0.1307, 0.3081
 
 
-def build(batch_size: int, seed: int):
-    """(model, images, labels): the compiled Keras model and its in-memory data."""
+def build(batch_size: int, steps: int, seed: int):
+    """(model, images, labels): the compiled Keras model and its in-memory data (enough for one window)."""
     import keras
     import numpy as np
 
@@ -52,8 +52,9 @@ def build(batch_size: int, seed: int):
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     rng = np.random.default_rng(seed)
-    images = ((rng.integers(0, 256, (NUM_EXAMPLES, 28, 28, 1)) / 255.0 - MEAN) / STD).astype(np.float32)
-    labels = rng.integers(0, 10, NUM_EXAMPLES).astype(np.int32)
+    count = max(NUM_EXAMPLES, (steps + 1) * batch_size)
+    images = ((rng.integers(0, 256, (count, 28, 28, 1)) / 255.0 - MEAN) / STD).astype(np.float32)
+    labels = rng.integers(0, 10, count).astype(np.int32)
     return model, images, labels
 
 
@@ -82,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per window")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if (args.steps + 1) * args.batch_size > NUM_EXAMPLES:
-        parser.error(f"--steps + 1 batches of --batch-size must fit in {NUM_EXAMPLES} examples")
+    if min(args.batch_size, args.steps) <= 0:
+        parser.error("--batch-size and --steps must be positive")
     import keras
     import tensorflow as tf
 
-    model, images, labels = build(args.batch_size, args.seed)
+    model, images, labels = build(args.batch_size, args.steps, args.seed)
     print(json.dumps({"ready": True, "keras": keras.__version__, "tensorflow": tf.__version__}), flush=True)
     for line in sys.stdin:
         command = line.strip()

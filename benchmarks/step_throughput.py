@@ -4,8 +4,9 @@
     python benchmarks/step_throughput.py --batch-sizes 128 --dtypes float32 bfloat16 --json
     python benchmarks/step_throughput.py --config strong --batch-sizes 128   # the strong preset's model
 
-Each figure is the median of several timed windows after warm-up, every window ended by block_until_ready.
-Compile time is the first call's time minus a steady-state call's. The first line names the CPU's vendor and
+Each train figure is the median of several timed windows after warm-up, the paths taking turns window by window
+so a shared machine's drift slows them all alike; every window ends by block_until_ready. Compile time is the
+first call's time minus a steady-state call's. The first line names the CPU's vendor and
 instruction set and the XLA:CPU library fusions our paths compile with (`backend.compiler_options`; the reference
 keeps XLA's defaults); `--markdown` prints the table as Markdown for docs/performance.md. Paths measured:
 
@@ -16,6 +17,10 @@ keeps XLA's defaults); `--markdown` prints the table as Markdown for docs/perfor
 - on_device_epoch: what it runs on GPU/TPU: `backend.scan_epoch`, a `lax.scan` over the epoch's steps.
 - data_parallel_xN: per_step with each batch split over N devices (only when there are several). On CPU,
   `python -m mnist_jax.train` makes one device per core, so this is what it runs there.
+- keras_tensorflow: the classic Keras notebook's stack, the same CNN and optimiser in Keras 3 on TensorFlow
+  (oneDNN kernels), steady-state `model.fit` on in-memory float32 arrays, in a worker process of its own
+  (`keras_worker.py`); for the default model in float32, when TensorFlow and Keras are installed. It has no eval
+  or compile figure.
 
 `--config NAME` measures a preset's model (its augmentation, dropout and batch norm included) with the optimiser
 held at the reference's SGD and without the preset's training-recipe extras (moving average of the weights, label
@@ -31,10 +36,14 @@ if __name__ == "__main__":  # as `python -m mnist_jax.train` runs: glibc's mallo
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -152,19 +161,64 @@ def project_paths(config: Config, split: Split, batch_size: int, mesh):
     return per_step, on_device_epoch, eval_steps
 
 
-def measure(train_fn, eval_fn, index_batches, windows: int, batch_size: int) -> dict[str, float]:
-    """Compile (first window) then median images/s over `windows` timed windows, train and eval."""
+class KerasWorker:
+    """`keras_worker.py` in a process of its own: the Keras-on-TensorFlow row's train windows, on command."""
+
+    SCRIPT = Path(__file__).with_name("keras_worker.py")
+
+    def __init__(self, batch_size: int, steps: int) -> None:
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+        env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # TensorFlow's default: its oneDNN kernels, as a notebook gets them
+        self._process = subprocess.Popen(
+            [sys.executable, str(self.SCRIPT), "--batch-size", str(batch_size), "--steps", str(steps)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        self.versions = self._answer()
+
+    def _answer(self) -> dict:
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.SCRIPT.name} ended early (exit code {self._process.wait()})")
+        return json.loads(line)
+
+    def window(self) -> float:
+        """Images/s of one steady-state fit window."""
+        self._process.stdin.write("window\n")
+        self._process.stdin.flush()
+        answer = self._answer()
+        return answer["images"] / answer["seconds"]
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.stdin.write("quit\n")
+            self._process.stdin.close()
+            self._process.wait(30)
+
+
+def keras_available() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None and importlib.util.find_spec("keras") is not None
+
+
+def compile_seconds(train_fn, index_batches) -> float:
+    """The first call's time (compilation included) minus a steady-state call's."""
     first = _time_windows(lambda: train_fn(index_batches[:1]), 1)[0]
     steady = statistics.median(_time_windows(lambda: train_fn(index_batches[:1]), 3))
-    train_times = _time_windows(lambda: train_fn(index_batches), windows)
+    return max(first - steady, 0.0)
+
+
+def eval_speed(eval_fn, index_batches, windows: int, batch_size: int) -> float:
     eval_fn(index_batches[:1])
-    eval_times = _time_windows(lambda: eval_fn(index_batches), windows)
-    images = len(index_batches) * batch_size
-    return {
-        "train_images_per_second": images / statistics.median(train_times),
-        "eval_images_per_second": images / statistics.median(eval_times),
-        "compile_seconds": max(first - steady, 0.0),
-    }
+    return len(index_batches) * batch_size / statistics.median(_time_windows(lambda: eval_fn(index_batches), windows))
+
+
+def alternating_train_speeds(windows_of: dict[str, Callable[[], float]], windows: int) -> dict[str, list[float]]:
+    """Images/s of every path's train windows, the paths taking turns window by window after one warm-up each."""
+    for window in windows_of.values():
+        window()
+    speeds: dict[str, list[float]] = {name: [] for name in windows_of}
+    for _ in range(windows):
+        for name, window in windows_of.items():
+            speeds[name].append(window())
+    return speeds
 
 
 def run(batch_sizes, dtypes, steps_per_window: int, windows: int, implementations, preset: str = "default"
@@ -187,27 +241,52 @@ def run(batch_sizes, dtypes, steps_per_window: int, windows: int, implementation
             rng = np.random.default_rng(batch_size)
             index_batches = [jnp.asarray(rng.integers(0, NUM_EXAMPLES, batch_size, dtype=np.int32))
                              for _ in range(steps_per_window)]
-            results = {}
+            paths = {}  # name -> (train_fn, eval_fn)
             if "reference" in implementations and not config.batch_norm:
-                train_fn, eval_fn = reference_paths(dataclasses.replace(config, dtype="float32"), split, batch_size)
-                results["reference"] = measure(train_fn, eval_fn, index_batches, windows, batch_size)
+                paths["reference"] = reference_paths(dataclasses.replace(config, dtype="float32"), split, batch_size)
             per_step, on_device, eval_fn = project_paths(config, split, batch_size, sharding.make_mesh(1))
             if "per_step" in implementations:
-                results["per_step"] = measure(per_step, eval_fn, index_batches, windows, batch_size)
+                paths["per_step"] = (per_step, eval_fn)
             if "on_device_epoch" in implementations:
-                results["on_device_epoch"] = measure(on_device, eval_fn, index_batches, windows, batch_size)
+                paths["on_device_epoch"] = (on_device, eval_fn)
             if "data_parallel" in implementations and jax.device_count() > 1 and batch_size % jax.device_count() == 0:
-                parallel, _, eval_parallel = project_paths(config, split, batch_size, sharding.make_mesh(None, batch_size))
-                results[f"data_parallel_x{jax.device_count()}"] = measure(parallel, eval_parallel, index_batches,
-                                                                          windows, batch_size)
-            reference = results.get("reference", {}).get("train_images_per_second")
-            for name, figures in results.items():
+                mesh = sharding.make_mesh(None, batch_size)
+                parallel, _, eval_parallel = project_paths(config, split, batch_size, mesh)
+                paths[f"data_parallel_x{jax.device_count()}"] = (parallel, eval_parallel)
+            figures = {name: {"compile_seconds": compile_seconds(train_fn, index_batches),
+                              "eval_images_per_second": eval_speed(eval_fn, index_batches, windows, batch_size)}
+                       for name, (train_fn, eval_fn) in paths.items()}
+            images = len(index_batches) * batch_size
+
+            def timed(train_fn):
+                return lambda: images / _time_windows(lambda: train_fn(index_batches), 1)[0]
+
+            windows_of = {name: timed(train_fn) for name, (train_fn, _) in paths.items()}
+            keras = None
+            if "keras_tensorflow" in implementations and preset == "default" and dtype == "float32" \
+                    and keras_available():
+                keras = KerasWorker(batch_size, steps_per_window)
+                windows_of["keras_tensorflow"] = keras.window
+                figures["keras_tensorflow"] = {"compile_seconds": None, "eval_images_per_second": None}
+            try:
+                speeds = alternating_train_speeds(windows_of, windows)
+            finally:
+                if keras is not None:
+                    keras.close()
+            for name, values in speeds.items():
+                figures[name]["train_images_per_second"] = statistics.median(values)
+            reference = figures.get("reference", {}).get("train_images_per_second")
+            keras_speed = figures.get("keras_tensorflow", {}).get("train_images_per_second")
+            for name, figure in figures.items():
+                stack = (f"keras {keras.versions['keras']} / tensorflow {keras.versions['tensorflow']}"
+                         if name == "keras_tensorflow" else f"jax {jax.__version__}")
                 rows.append({
-                    "implementation": name, "config": preset, "batch_size": batch_size,
-                    "dtype": "float32" if name == "reference" else dtype, **figures,
+                    "implementation": name, "stack": stack, "config": preset, "batch_size": batch_size,
+                    "dtype": "float32" if name in ("reference", "keras_tensorflow") else dtype, **figure,
                     "backend": platform, "device_kind": device.device_kind, "cpu_vendor": vendor,
                     "cpu_avx512": avx512, "ynn_fusions": fusions,
-                    "speedup_vs_reference": figures["train_images_per_second"] / reference if reference else None,
+                    "speedup_vs_reference": figure["train_images_per_second"] / reference if reference else None,
+                    "speedup_vs_keras": figure["train_images_per_second"] / keras_speed if keras_speed else None,
                 })
     return rows
 
@@ -221,32 +300,39 @@ def machine_line(first: dict, config: str) -> str:
             f"{config.format(first['config'])}")
 
 
+def _cells(r: dict) -> tuple[str, str, str, str, str]:
+    """train img/s, eval img/s, compile s, vs reference, vs keras: '-' where a row has no such figure."""
+    def ratio(value):
+        return f"{value:.2f}x" if value else "-"
+
+    return (f"{r['train_images_per_second']:,.0f}",
+            "-" if r["eval_images_per_second"] is None else f"{r['eval_images_per_second']:,.0f}",
+            "-" if r["compile_seconds"] is None else f"{r['compile_seconds']:.2f}",
+            ratio(r["speedup_vs_reference"]), ratio(r["speedup_vs_keras"]))
+
+
 def format_table(rows: list[dict]) -> str:
     header = f"{'implementation':<20} {'batch':>5} {'dtype':>8} {'train img/s':>12} {'eval img/s':>12} " \
-             f"{'compile s':>9} {'vs ref':>7}"
+             f"{'compile s':>9} {'vs ref':>7} {'vs keras':>8}"
     lines = [machine_line(rows[0], "--config {}"), header, "-" * len(header)]
     for r in rows:
-        speedup = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-"
-        lines.append(f"{r['implementation']:<20} {r['batch_size']:>5} {r['dtype']:>8} "
-                     f"{r['train_images_per_second']:>12,.0f} {r['eval_images_per_second']:>12,.0f} "
-                     f"{r['compile_seconds']:>9.2f} {speedup:>7}")
+        train, evaluation, compiled, reference, keras = _cells(r)
+        lines.append(f"{r['implementation']:<20} {r['batch_size']:>5} {r['dtype']:>8} {train:>12} {evaluation:>12} "
+                     f"{compiled:>9} {reference:>7} {keras:>8}")
     return "\n".join(lines)
 
 
 def format_markdown(rows: list[dict]) -> str:
     """The table as Markdown, under a line naming the backend, the CPU and the fusions (for docs/performance.md)."""
     lines = [machine_line(rows[0], "`--config {}`"), "",
-             "| implementation | batch | dtype | train img/s | eval img/s | compile s | vs reference |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| implementation | batch | dtype | train img/s | eval img/s | compile s | vs reference | vs keras |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        speedup = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-"
-        lines.append(f"| {r['implementation']} | {r['batch_size']} | {r['dtype']} | "
-                     f"{r['train_images_per_second']:,.0f} | {r['eval_images_per_second']:,.0f} | "
-                     f"{r['compile_seconds']:.2f} | {speedup} |")
+        lines.append(f"| {r['implementation']} | {r['batch_size']} | {r['dtype']} | " + " | ".join(_cells(r)) + " |")
     return "\n".join(lines)
 
 
-IMPLEMENTATIONS = ("reference", "per_step", "on_device_epoch", "data_parallel")
+IMPLEMENTATIONS = ("reference", "per_step", "on_device_epoch", "data_parallel", "keras_tensorflow")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,9 @@ def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, env=cli_env(), timeout=300)
 
 
-FIELDS = {"implementation", "config", "batch_size", "dtype", "train_images_per_second", "eval_images_per_second",
-          "compile_seconds", "backend", "device_kind", "speedup_vs_reference", "cpu_vendor", "cpu_avx512",
-          "ynn_fusions"}
+FIELDS = {"implementation", "stack", "config", "batch_size", "dtype", "train_images_per_second",
+          "eval_images_per_second", "compile_seconds", "backend", "device_kind", "speedup_vs_reference",
+          "speedup_vs_keras", "cpu_vendor", "cpu_avx512", "ynn_fusions"}
 
 
 def test_step_throughput_json_on_a_tiny_run():
@@ -42,6 +42,26 @@ def test_step_throughput_json_on_a_tiny_run():
         assert row["compile_seconds"] >= 0
     assert rows[0]["speedup_vs_reference"] == 1.0
     assert rows[1]["speedup_vs_reference"] == rows[1]["train_images_per_second"] / rows[0]["train_images_per_second"]
+    assert all(row["speedup_vs_keras"] is None and row["stack"].startswith("jax ") for row in rows)
+
+
+def test_step_throughput_times_keras_on_tensorflow_in_the_same_windows():
+    """The notebook's stack, alternating with ours: a row of its own, and every row's ratio to it."""
+    result = run_benchmark("step_throughput", "--batch-sizes", "8", "--steps", "2", "--windows", "2",
+                           "--implementations", "per_step", "keras_tensorflow", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["implementation"] for r in rows] == ["per_step", "keras_tensorflow"]
+    ours, keras = rows
+    assert set(keras) == FIELDS and keras["stack"].startswith("keras 3") and "tensorflow 2" in keras["stack"]
+    assert keras["eval_images_per_second"] is None and keras["compile_seconds"] is None
+    assert keras["train_images_per_second"] > 0 and keras["speedup_vs_keras"] == 1.0
+    assert ours["speedup_vs_keras"] == ours["train_images_per_second"] / keras["train_images_per_second"]
+    table = run_benchmark("step_throughput", "--batch-sizes", "8", "--steps", "1", "--windows", "1",
+                          "--implementations", "per_step", "keras_tensorflow", "--markdown")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[-1].startswith("| keras_tensorflow | 8 | float32 |")
+    assert table.stdout.splitlines()[-1].endswith("| - | - | - | 1.00x |")
 
 
 def test_step_throughput_table():
