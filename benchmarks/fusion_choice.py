@@ -40,6 +40,8 @@ from step_throughput import MEAN, NUM_EXAMPLES, STD, synthetic_split
 CANDIDATES = {
     "xla-defaults": {},
     "none": backend.ynn_fusion_options(),
+    "dot": backend.ynn_fusion_options("DOT"),
+    "dot,reduce": backend.ynn_fusion_options("DOT", "REDUCE"),
     "dot,eltwise,reduce": backend.ynn_fusion_options("DOT", "ELTWISE", "REDUCE"),
     "dot,eltwise,reduce,convolution": backend.ynn_fusion_options("DOT", "ELTWISE", "REDUCE",
                                                                  "INDIVIDUAL_CONVOLUTION"),

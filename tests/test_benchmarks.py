@@ -88,7 +88,7 @@ def test_fusion_choice_times_every_candidate_and_marks_what_train_compiles_with(
                            "2", "--json")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["fusions"] for r in rows] == ["xla-defaults", "none", "dot,eltwise,reduce",
+    assert [r["fusions"] for r in rows] == ["xla-defaults", "none", "dot", "dot,reduce", "dot,eltwise,reduce",
                                             "dot,eltwise,reduce,convolution"]
     chosen = backend.compiler_options("cpu", batch_norm=False).get("xla_cpu_experimental_ynn_fusion_type", "")
     assert [r["fusions"] for r in rows if r["chosen"]] == [
