@@ -75,6 +75,9 @@ def _train(config: Config, options: RunOptions, started: float, mesh, dataset: d
         print(f"run complete: {config.epochs} epochs already trained in {options.workdir}", flush=True)
         manager.close()
         return history
+    if history and options.after_epoch is not None and options.after_epoch(history):
+        manager.close()  # the caller's verdict on the epochs restored: a sweep's pruned trial stays pruned
+        return history
 
     state = sharding.place_replicated(state, mesh)
     meta_base = {
@@ -129,6 +132,8 @@ def _train(config: Config, options: RunOptions, started: float, mesh, dataset: d
             if options.plots:
                 _plot_curves(options.workdir, history)
             _log_epoch(entry, config.epochs)
+        if options.after_epoch is not None and options.after_epoch(history):
+            break
     manager.close()
     return history
 
