@@ -20,12 +20,12 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from mnist_jax import sweep, train
-from mnist_jax.config import RunOptions, UserError
+from mnist_jax.config import Config, RunOptions, UserError
 from mnist_jax.tuning import results, space
 from mnist_jax.workdir import read_metrics
 
-from helpers import (REPO, TINY_FLAGS, PostgresServer, cli_env, results as without_timings, run_main_in_process,
-                     snapshot)
+from helpers import (REPO, SMALL_MODEL, TINY, TINY_FLAGS, PostgresServer, cli_env, results as without_timings,
+                     run_main_in_process, snapshot, train_run)
 
 SMALL_MODEL_FLAGS = ("--conv-features", "8,16", "--dense-features", "32")
 
@@ -157,6 +157,29 @@ def test_wall_time_adds_up_across_resumed_processes():
 
     history = [{"elapsed_seconds": s} for s in (10.0, 20.0, 7.0, 15.0)]  # killed after 20 s, resumed
     assert wall_seconds(history) == 10 + 10 + 7 + 8
+
+
+# ------------------------------------------------------------------------------------------------ the pruning hook
+def test_the_per_epoch_hook_stops_a_run_at_a_checkpoint_and_judges_a_resumed_one_first(tiny_data_dir, tmp_path):
+    """`RunOptions.after_epoch`, the training loop's hook that a sweep prunes with: called after each epoch's
+    checkpoint and once with a resumed run's restored epochs; True ends the run there."""
+    config = Config(dataset=TINY, batch_size=32, eval_batch_size=100, epochs=3, **SMALL_MODEL)
+    workdir, seen = tmp_path / "run", []
+
+    def hook(stop_at):
+        return lambda history: seen.append(len(history)) or len(history) == stop_at
+
+    stopped = train_run(config, workdir, tiny_data_dir, after_epoch=hook(2))
+    assert [e["epoch"] for e in stopped] == [1, 2] and seen == [1, 2]
+    assert [e["epoch"] for e in read_metrics(workdir)] == [1, 2]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == "40"  # epoch 2
+
+    seen.clear()
+    assert train_run(config, workdir, tiny_data_dir, after_epoch=hook(2)) == stopped and seen == [2]  # nothing trains
+    seen.clear()
+    finished = train_run(config, workdir, tiny_data_dir, after_epoch=hook(None))
+    assert seen == [2, 3] and [e["epoch"] for e in finished] == [1, 2, 3]
+    assert without_timings(finished) == without_timings(train_run(config, tmp_path / "uninterrupted", tiny_data_dir))
 
 
 # ------------------------------------------------------------------------------------------------ sweeps in process
