@@ -280,7 +280,7 @@ def test_a_killed_trial_is_finished_from_its_checkpoint_with_what_an_uninterrupt
     assert stdout.index("trial-001") < stdout.index("trial-002")
     assert snapshot(folder / "trial-000") == finished
     assert [e["epoch"] for e in read_metrics(folder / "trial-001")] == [1, 2]
-    assert list((folder / "workers").iterdir()) == []  # the dead worker's lock went with its trial, the live one's at exit
+    assert list((folder / "workers").iterdir()) == []  # the dead worker's lock went with its trial, the new one's too
 
     def outcome(study):
         return [(t.number, t.state, t.params, t.value, t.intermediate_values) for t in study.trials]
@@ -343,8 +343,8 @@ def test_two_workers_share_a_study_and_a_killed_one_is_finished_from_its_checkpo
                   if re.search(rf"^{victim} \(.*\) \(taken over from a worker that died\) -> ", logs[name], re.M)]
     assert len(taken_over) == 1, logs
     # Resumed from its checkpoint (or found complete, had the kill come after its last one).
-    resumed = re.search(rf"resumed from \S*{victim} at epoch (\d)|run complete: 3 epochs already trained in \S*{victim}",
-                        logs[taken_over[0]])
+    resumed = re.search(rf"resumed from \S*{victim} at epoch (\d)|run complete: 3 epochs already trained in "
+                        rf"\S*{victim}", logs[taken_over[0]])
     assert resumed and int(resumed.group(1) or 3) >= epochs_at_kill, logs[taken_over[0]]
     assert claimed_trials(tmp_path / "b.stdout"), "worker b trained nothing: the workers did not share the study"
 
