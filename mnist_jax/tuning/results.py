@@ -86,6 +86,7 @@ def write_plots(sweep_dir: str, study: optuna.Study, rows: list[dict[str, Any]],
     import matplotlib
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as optuna_plots
+    from matplotlib.ticker import MaxNLocator
 
     from mnist_jax.plots import plot_sweep
 
@@ -102,6 +103,7 @@ def write_plots(sweep_dir: str, study: optuna.Study, rows: list[dict[str, Any]],
             axes = getattr(optuna_plots, function)(study, **keywords)
             first = axes.flat[0] if hasattr(axes, "flat") else axes
             if function == "plot_intermediate_values":
+                first.xaxis.set_major_locator(MaxNLocator(integer=True))
                 first.set_xlabel("epoch")
                 first.set_ylabel(f"{TARGET} (pruned trials included)")
             figure = first.figure
