@@ -225,7 +225,7 @@ class RunOptions:
     initial_state: Callable[[Any, Any], Any] | None = None
     # Called on every process with the metrics history after each epoch's checkpoint, and once with the restored
     # history when a run resumes: True ends the run there, its workdir holding that epoch (a sweep prunes a trial
-    # with it). Every process must return the same answer.
+    # with it). Every process must return the same answer. The epochs trained are those of the whole run.
     after_epoch: Callable[[list[dict[str, Any]]], bool] | None = None
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import optuna
 from optuna.trial import TrialState
 
-from mnist_jax import sharding, workdir
+from mnist_jax import workdir
 from mnist_jax.config import Config, RunOptions, UserError, validate
 from mnist_jax.training import train_and_evaluate
 from mnist_jax.tuning import space
@@ -191,8 +191,8 @@ def agreed(key: str, decide: Callable[[], str]) -> str:
 
 
 def train_trial(sweep_dir: str, plan: Plan, claim: Claim, options_for: Callable[[str], RunOptions]) -> str:
-    """Trains (or finishes) the claimed trial and tells the study how it ended; returns how, in words. An
-    `after_epoch` in the caller's options runs first, and stops the trial as the pruner would."""
+    """Trains (or finishes) the claimed trial and tells the study how it ended (process 0); returns how, in words.
+    An `after_epoch` in the caller's options runs first, and stops the trial as the pruner would."""
     path = trial_dir(sweep_dir, claim.number)
     config = space.trial_config(plan.base, claim.params)
     primary = claim.trial is not None
@@ -216,7 +216,7 @@ def train_trial(sweep_dir: str, plan: Plan, claim: Claim, options_for: Callable[
 
     history = train_and_evaluate(config, dataclasses.replace(options, after_epoch=after_epoch))
     if not primary:
-        return ""
+        return "trained"
     report(claim, history, config.epochs)  # a run found complete trains nothing and reports nothing by itself
     summary = summarize(history, config.epochs)
     if len(history) < config.epochs:
@@ -231,10 +231,10 @@ def run_worker(sweep_dir: str, storage: optuna.storages.BaseStorage | None, stud
                after_trial: Callable[[], None] = lambda: None) -> int:
     """Claims and trains trials until the study is done (`storage`: process 0's; None on the others of a
     multi-process sweep, which train what process 0 claims); returns how many this worker trained."""
-    trained = 0
-    with worker_lock(sweep_dir) if storage is not None else contextlib.nullcontext("") as worker:
+    trained, primary = 0, storage is not None
+    with worker_lock(sweep_dir) if primary else contextlib.nullcontext("") as worker:
         while True:
-            current = claim(sweep_dir, storage, study_name, plan, worker) if storage is not None else None
+            current = claim(sweep_dir, storage, study_name, plan, worker) if primary else None
             text = agreed(f"claim/{trained}", lambda: json.dumps(
                 None if current is None else {"number": current.number, "params": current.params}))
             if json.loads(text) is None:
@@ -242,12 +242,12 @@ def run_worker(sweep_dir: str, storage: optuna.storages.BaseStorage | None, stud
             if current is None:
                 shared = json.loads(text)
                 current = Claim(None, shared["number"], shared["params"], set(), False)
-            how = " (taken over from a worker that died)" if current.taken_over else ""
-            print(f"{trial_name(current.number)} ({space.describe(current.params)}){how} -> "
-                  f"{trial_dir(sweep_dir, current.number)}", flush=True)
+            if primary:
+                how = " (taken over from a worker that died)" if current.taken_over else ""
+                print(f"{trial_name(current.number)} ({space.describe(current.params)}){how} -> "
+                      f"{trial_dir(sweep_dir, current.number)}", flush=True)
             outcome = train_trial(sweep_dir, plan, current, options_for)
-            if outcome:
-                print(f"{trial_name(current.number)} {outcome}", flush=True)
             trained += 1
-            if sharding.is_primary_process():
+            if primary:
+                print(f"{trial_name(current.number)} {outcome}", flush=True)
                 after_trial()
