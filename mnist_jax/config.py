@@ -240,6 +240,10 @@ class RunOptions:
     # initialised state and the data (transfer learning sets it; typed loosely because config imports nothing of
     # ours). Called only when no checkpoint exists: a resumed run's state comes from its own checkpoints.
     initial_state: Callable[[Any, Any], Any] | None = None
+    # Called on every process with the metrics history after each epoch's checkpoint, and once with the restored
+    # history when a run resumes: True ends the run there, its workdir holding that epoch (a sweep prunes a trial
+    # with it). Every process must return the same answer. The epochs trained are those of the whole run.
+    after_epoch: Callable[[list[dict[str, Any]]], bool] | None = None
 
 
 def incompatible_fields(saved: Config, requested: Config) -> list[str]:

@@ -299,21 +299,28 @@ def plot_augmentations(originals: ArrayLike, augmented: ArrayLike, path: str | o
     _save_atomically(figure, path)
 
 
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def plot_sweep(rows: list[dict[str, Any]], names: Sequence[str], path: str | os.PathLike[str]) -> None:
-    """Each trial's validation accuracy (bars, ranked) and its test accuracy at the same epoch (markers)."""
+    """Each trial's validation accuracy (bars, in the rows' order) and its test accuracy at the same epoch (markers);
+    a trial whose `state` is not complete says so."""
     count = len(rows)
-    figure = _new_figure(8.0, 1.2 + 0.32 * count)
+    labels = [f"{row['trial']}: " + " ".join(f"{name}={_short(row[name])}" for name in names)
+              + (f" ({row['state']})" if row.get("state", "complete") != "complete" else "") for row in rows]
+    # Wide enough for the longest label beside a plot of the usual width.
+    figure = _new_figure(6.0 + 0.07 * max(map(len, labels)), 1.2 + 0.32 * count)
     axes = figure.add_subplot()
     positions = np.arange(count)[::-1]  # rank 1 at the top
     validation = np.array([row["validation_accuracy"] for row in rows]) * 100
     test = np.array([row["test_accuracy"] for row in rows]) * 100
     axes.barh(positions, validation, color=SPLIT_STYLES["validation"][1], label="validation (ranks the trials)")
     axes.scatter(test, positions, color=SPLIT_STYLES["test"][1], zorder=3, label="test at that epoch")
-    labels = [f"{row['trial']}: " + " ".join(f"{name}={row[name]}" for name in names) for row in rows]
     axes.set_yticks(positions, labels, fontsize=8)
     low = min(validation.min(), test.min())
     axes.set_xlim(max(0.0, low - max(0.5, 0.1 * (100 - low))), 100)
     axes.set_xlabel("accuracy (%)")
-    axes.set_title(f"Sweep: {count} trial{'s' if count != 1 else ''}, best validation first")
+    axes.set_title(f"Sweep: {count} trial{'s' if count != 1 else ''} ranked on validation accuracy")
     axes.legend(loc="lower right", fontsize=8)
     _save_atomically(figure, path)

@@ -80,6 +80,9 @@ def _train(config: Config, options: RunOptions, started: float, mesh, dataset: d
         print(f"run complete: {plural(config.epochs, 'epoch')} already trained in {options.workdir}", flush=True)
         manager.close()
         return history
+    if history and options.after_epoch is not None and options.after_epoch(history):
+        manager.close()  # the caller's verdict on the epochs restored: a sweep's pruned trial stays pruned
+        return history
 
     state = sharding.place_replicated(state, mesh)
     meta_base = {
@@ -138,6 +141,8 @@ def _train(config: Config, options: RunOptions, started: float, mesh, dataset: d
                 if epoch == config.epochs:
                     _write_final_summary(options.workdir, config, history, model, state, dataset)
             _log_epoch(entry, config.epochs)
+        if options.after_epoch is not None and options.after_epoch(history):
+            break
     manager.close()
     return history
 

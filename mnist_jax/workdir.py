@@ -24,7 +24,7 @@ METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 CHECKPOINT_DIR = "checkpoints"
 QUARANTINE_DIR = "checkpoints-corrupt"
-SWEEP_PLAN_FILE = "sweep.json"  # a sweep's folder: its plan, results.csv and one run per trial
+SWEEP_PLAN_FILE = "study.json"  # a sweep's folder: the study it holds (mnist_jax.tuning), results.csv, a run per trial
 SWEEP_RESULTS_FILE = "results.csv"
 NAMES_SHOWN = 4  # runs a hint names before "and N more"
 

@@ -630,3 +630,57 @@ def npm_registry(root: Path, tarball: bytes, package: str, version: str) -> Path
     path.parent.mkdir(parents=True)
     path.write_bytes(tarball)
     return root
+
+
+# --------------------------------------------------------------------------------------------- PostgreSQL
+def postgres_tool(name: str) -> str | None:
+    """initdb or pg_ctl: from PATH, else from Debian's versioned folder (the `postgresql` package), or None."""
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    versioned = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]))
+    return versioned[-1] if versioned else None
+
+
+class PostgresServer:
+    """A PostgreSQL server of the test's own: a new cluster in a temporary folder, on a free port of 127.0.0.1,
+    trusting local connections, removed by `stop`. PostgreSQL refuses to run as root, so as root its commands
+    run as the `postgres` user (which the package creates)."""
+
+    def __init__(self) -> None:
+        import pwd
+        import shutil
+        import socket
+        import tempfile
+
+        initdb, self.pg_ctl = postgres_tool("initdb"), postgres_tool("pg_ctl")
+        if initdb is None or self.pg_ctl is None:
+            message = "PostgreSQL is not installed (initdb, pg_ctl; Debian: apt-get install postgresql)"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+        self.folder = Path(tempfile.mkdtemp(prefix="mnist_jax-postgres-"))
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, pwd.getpwnam("postgres").pw_uid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.data = self.folder / "data"
+        subprocess.run([*self.as_user, initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"],
+                       check=True, capture_output=True)
+        options = f"-p {port} -h 127.0.0.1 -k {self.folder} -c fsync=off"
+        subprocess.run([*self.as_user, self.pg_ctl, "-D", str(self.data), "-l", str(self.folder / "server.log"),
+                        "-o", options, "-w", "-t", "60", "start"], check=True, capture_output=True)
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    def stop(self) -> None:
+        import shutil
+
+        subprocess.run([*self.as_user, self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(self.folder, ignore_errors=True)

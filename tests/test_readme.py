@@ -32,7 +32,7 @@ OTHER_PROGRAMS_FLAGS = {"--data-binary",  # curl's, in the serve example
                         "--directory",  # http.server's, in docs/deploy.md
                         # sbatch's, in docs/multihost.md's SLURM script
                         "--job-name", "--nodes", "--ntasks-per-node", "--cpus-per-task", "--time", "--requeue",
-                        "--gpus-per-node"}
+                        "--gpus-per-node", "--array"}
 FLAG_TABLE_HEADING = "### Every training flag"
 ENVIRONMENT_WORD = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
 

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from mnist_jax import datacache, sweep, workdir
+from mnist_jax import datacache, workdir
+from mnist_jax.tuning import study
 from mnist_jax.config import Config, UserError, plural
 from mnist_jax.train import main as train_main
 from mnist_jax.transfer import main as transfer_main
@@ -68,9 +69,7 @@ def test_every_file_of_a_run_its_evaluation_and_a_sweeps_results_follows_the_uma
     assert trained.returncode == 0, trained.stderr
     evaluated = run_tool(IN_PROCESS, "mnist_jax.evaluate", "--workdir", run, "--data-dir", tiny_data_dir)
     assert evaluated.returncode == 0, evaluated.stderr
-    rows = [{"trial": "trial-000", "learning_rate": "0.003", "validation_accuracy": 0.9, "test_accuracy": 0.9,
-             "best_epoch": 1, "epochs": "1/1", "wall_seconds": 1.0}]
-    sweep.write_results(str(tmp_path / "sweep"), rows, ["learning_rate"])
+    write_sweep_results(tmp_path / "sweep", [(0.003, 0.9)])
     prepared = tmp_path / "prepared"  # a decoded split's cache entry
     prepared.mkdir()
     (prepared / "data.tfrecord").write_bytes(b"records")
@@ -88,22 +87,38 @@ def test_every_file_of_a_run_its_evaluation_and_a_sweeps_results_follows_the_uma
 
 
 # --------------------------------------------------------------------------------------------- not a run
+def write_sweep_results(folder, trials: list[tuple[float, float]]) -> None:
+    """The results `sweep` writes for a study whose finished trials had these (learning rate, validation
+    accuracy): a real Optuna study in memory, trial N the Nth pair."""
+    import optuna
+
+    from mnist_jax.tuning import results, worker
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    finished = optuna.create_study(direction="maximize")
+    for rate, accuracy in trials:
+        summary = {"validation_accuracy": accuracy, "test_accuracy": accuracy, "best_epoch": 3, "epochs": "3/3",
+                   "wall_seconds": 1.0}
+        finished.add_trial(optuna.trial.create_trial(
+            params={"learning_rate": rate}, value=accuracy, user_attrs={worker.SUMMARY_ATTR: summary},
+            distributions={"learning_rate": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)}))
+    results.write_results(str(folder), finished, ["learning_rate"])
+
+
 @pytest.fixture
 def sweep_folder(tiny_run_in_process, tmp_path):
-    """A sweep's folder as `sweep` leaves it: sweep.json, results.csv ranking trial-001 first, two trial runs."""
+    """A sweep's folder as `sweep` leaves it: study.json, results.csv ranking trial-001 first (written from a real
+    Optuna study of two finished trials), two trial runs."""
     folder = tmp_path / "sweep"
     for trial in ("trial-000", "trial-001"):
         shutil.copytree(tiny_run_in_process, folder / trial)
-    (folder / workdir.SWEEP_PLAN_FILE).write_text("{}\n")
-    rows = [{"trial": trial, "learning_rate": rate, "validation_accuracy": accuracy, "test_accuracy": accuracy,
-             "best_epoch": 3, "epochs": "3/3", "wall_seconds": 1.0}
-            for trial, rate, accuracy in (("trial-001", "0.01", 0.99), ("trial-000", "0.003", 0.98))]
-    sweep.write_results(str(folder), rows, ["learning_rate"])
+    study.bind_folder(str(folder), "sweep")
+    write_sweep_results(folder, [(0.003, 0.98), (0.01, 0.99)])
     return folder
 
 
 def test_the_sweep_module_and_the_hints_agree_on_its_files():
-    assert sweep.PLAN_FILE == workdir.SWEEP_PLAN_FILE
+    assert study.FOLDER_FILE == workdir.SWEEP_PLAN_FILE
 
 
 @pytest.mark.parametrize("tool", READING_TOOLS)
@@ -150,7 +165,7 @@ def test_training_into_a_runs_checkpoints_or_a_sweep_is_refused_and_changes_noth
     source = ("--from", tiny_run_in_process) if tool == "mnist_jax.transfer" else ()
     for target, message in ((run / "checkpoints", f"is inside the checkpoints of the run {run}; give the new run "
                                                   "a folder of its own"),
-                            (sweep_folder, "is a sweep's folder (it holds sweep.json); its trials train with python "
+                            (sweep_folder, "is a sweep's folder (it holds study.json); its trials train with python "
                                            "-m mnist_jax.sweep: give the new run a folder of its own")):
         result = run_tool(IN_PROCESS, tool, "--workdir", target, "--data-dir", tiny_data_dir, *source, *TINY_FLAGS)
         assert result.returncode == 2, result.stderr
