@@ -145,3 +145,24 @@ def test_multiprocess_throughput_times_both_configurations():
     for row in rows:
         assert row["batch_size"] == 8 and row["windows"] == 1 and row["cpu_vendor"] == backend.cpu_vendor()
         assert 0 < row["slowest"] <= row["train_images_per_second"] <= row["fastest"]
+
+
+def test_step_breakdown_names_every_operation_of_both_steps():
+    """Ours by layer, direction and operation, summing to the devices' busy time; TensorFlow's by oneDNN primitive."""
+    result = run_benchmark("step_breakdown", "--batch-size", "16", "--steps", "2", "--cpu-devices", "2")
+    assert result.returncode == 0, result.stderr
+    ours, keras = result.stdout.split("\n\n")
+    lines = ours.splitlines()
+    assert lines[0].startswith(backend.cpu_vendor() or "unknown CPU") and "batch 16" in lines[0]
+    assert lines[1].startswith("ours, 2 device(s)")
+    rows = {line.split("%", 1)[1].strip(): float(line.split()[0]) for line in lines[2:-1]}
+    for operation in ("conv1_1 forward: convolution", "conv2_1 backward: convolution: input gradient",
+                      "conv2_1 backward: convolution: weight gradient", "dense1 forward: matmul",
+                      "gradients: all-reduce across devices"):
+        assert any(row.startswith(operation) for row in rows), (operation, sorted(rows))
+    busy = [float(ms) for ms in lines[-1].split(":")[1].split(" ms of")[0].split(",")]
+    assert lines[-1].startswith("busy per device thread") and sum(rows.values()) == pytest.approx(sum(busy), rel=0.01)
+    keras_lines = keras.splitlines()
+    assert keras_lines[0].startswith("Keras on TensorFlow (oneDNN primitives, each on every core)")
+    keras_rows = [line.split("%", 1)[1].strip() for line in keras_lines[1:]]
+    assert "conv2_1 backward_weights: convolution" in keras_rows and "conv1_1 forward_training: convolution" in keras_rows

@@ -26,7 +26,7 @@ TOOLS = ("mnist_jax.train", "mnist_jax.evaluate", "mnist_jax.predict", "mnist_ja
          "mnist_jax.transfer", "benchmarks/step_throughput.py", "benchmarks/fusion_choice.py",
          "benchmarks/serve_load.py", "benchmarks/predict_agreement.py", "benchmarks/transfer_study.py",
          "benchmarks/batchnorm_choice.py", "benchmarks/multiprocess_throughput.py", "mnist_jax.export",
-         "benchmarks/export_latency.py")
+         "benchmarks/export_latency.py", "benchmarks/step_breakdown.py")
 OTHER_PROGRAMS_FLAGS = {"--data-binary",  # curl's, in the serve example
                         "--logdir",  # tensorboard's
                         "--directory",  # http.server's, in docs/deploy.md
