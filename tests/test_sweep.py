@@ -252,7 +252,8 @@ def test_a_killed_trial_is_finished_from_its_checkpoint_with_what_an_uninterrupt
             "--trials", "3"])
 
         def options_for(path):
-            options = RunOptions(workdir=path, data_dir=str(tiny_data_dir), devices=1, progress=False, plots=False)
+            options = RunOptions(workdir=path, data_dir=str(tiny_data_dir), devices=1, progress=False, plots=False,
+                                 tensorboard=False)
             if kill_in and path.endswith(kill_in):
                 def killed(history):
                     raise WorkerKilled
