@@ -176,6 +176,28 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def without_huge_page_settings(environ) -> dict[str, str]:
+    """`environ` less the variables the huge-page restart reads and sets: a process started with it decides anew."""
+    from mnist_jax.backend import HUGE_PAGES_OPT_OUT
+
+    return {name: value for name, value in environ.items() if name not in ("GLIBC_TUNABLES", HUGE_PAGES_OPT_OUT)}
+
+
+def huge_pages_apply() -> bool:
+    """Whether the huge-page restart happens on this machine for a process without a setting of its own."""
+    import platform
+
+    from mnist_jax.backend import THP_SETTING, huge_page_environment
+
+    try:
+        with open(THP_SETTING) as f:
+            thp = f.read()
+    except OSError:
+        return False
+    return sys.platform.startswith("linux") and huge_page_environment(
+        without_huge_page_settings(os.environ), platform.libc_ver(), thp) is not None
+
+
 def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs `python -m module args...` as a user would, capturing its output."""
     return subprocess.run(

@@ -4,8 +4,6 @@ the console script that `pip install -e ".[dev]"` puts beside this Python (CI ha
 
 import importlib
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -15,9 +13,10 @@ import pytest
 
 from mnist_jax import __main__ as command
 from mnist_jax import cli
-from mnist_jax.backend import HUGE_PAGES_OPT_OUT, THP_SETTING, huge_page_environment
+from mnist_jax.backend import HUGE_PAGES_OPT_OUT
 
-from helpers import REPO, TINY_FLAGS, TINY_RUN_FLAGS, cli_env, digit_png, read_jsonl, results, run_module
+from helpers import (REPO, TINY_FLAGS, TINY_RUN_FLAGS, cli_env, digit_png, huge_pages_apply, read_jsonl, results,
+                     run_module, without_huge_page_settings)
 
 SCRIPT = Path(sys.executable).parent / "mnist-jax"
 MODULE_FORMS = {"train": "mnist_jax.train", "evaluate": "mnist_jax.evaluate", "predict": "mnist_jax.predict",
@@ -94,16 +93,6 @@ def run_script(script: Path, *args, timeout: float = 300) -> subprocess.Complete
                           env=cli_env(), cwd=REPO)
 
 
-def _huge_pages_apply() -> bool:
-    try:
-        with open(THP_SETTING) as f:
-            thp = f.read()
-    except OSError:
-        return False
-    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGES_OPT_OUT)}
-    return sys.platform.startswith("linux") and huge_page_environment(clean, platform.libc_ver(), thp) is not None
-
-
 @pytest.mark.e2e
 def test_the_installed_script_lists_its_commands_and_rejects_unknown_ones(script):
     listing = run_script(script, "--help")
@@ -120,7 +109,7 @@ def test_mnist_jax_train_restarts_onto_huge_pages_and_trains_as_python_m_does(sc
     """The same run as tiny_run (trained by `python -m mnist_jax.train`): the same metrics, bit for bit; and the
     process that trains it has replaced itself (same pid) with the huge-page environment."""
     workdir = tmp_path / "w"
-    env = {k: v for k, v in cli_env().items() if k not in ("GLIBC_TUNABLES", HUGE_PAGES_OPT_OUT)}
+    env = without_huge_page_settings(cli_env())
     process = subprocess.Popen([str(script), "train", "--workdir", str(workdir), "--data-dir", str(tiny_data_dir),
                                 *TINY_FLAGS, *TINY_RUN_FLAGS], env=env, cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -136,7 +125,7 @@ def test_mnist_jax_train_restarts_onto_huge_pages_and_trains_as_python_m_does(sc
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
     restarted = any(b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environment for environment in environments)
-    assert restarted == _huge_pages_apply()
+    assert restarted == huge_pages_apply()
     assert "final test accuracy" in stdout
     assert results(read_jsonl(workdir / "metrics.jsonl")) == results(read_jsonl(tiny_run / "metrics.jsonl"))
 

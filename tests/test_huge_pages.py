@@ -2,13 +2,14 @@
 what it sets, that it keeps the process."""
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-from mnist_jax.backend import HUGE_PAGES_OPT_OUT, THP_SETTING, huge_page_environment
+from mnist_jax.backend import HUGE_PAGES_OPT_OUT, huge_page_environment
+
+from helpers import huge_pages_apply, without_huge_page_settings
 
 GLIBC = ("glibc", "2.36")
 MADVISE = "always [madvise] never\n"
@@ -71,22 +72,12 @@ def test_restart_execs_the_same_command_with_the_tunable(monkeypatch, tmp_path):
     backend.restart_with_huge_pages()
 
 
-def _machine_supports_it() -> bool:
-    try:
-        with open(THP_SETTING) as f:
-            thp = f.read()
-    except OSError:
-        return False
-    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGES_OPT_OUT)}
-    return sys.platform.startswith("linux") and huge_page_environment(clean, platform.libc_ver(), thp) is not None
-
-
 SCRIPT = ("import os; from mnist_jax.backend import restart_with_huge_pages; restart_with_huge_pages(); "
           "print(os.getpid(), os.environ.get('GLIBC_TUNABLES', ''))")
 
 
 def _run(extra_env: dict[str, str]) -> tuple[int, str, int]:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGES_OPT_OUT)} | extra_env
+    env = without_huge_page_settings(os.environ) | extra_env
     process = subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, stdout=subprocess.PIPE, text=True)
     out, _ = process.communicate(timeout=60)
     pid, _, tunables = out.strip().partition(" ")
@@ -94,7 +85,7 @@ def _run(extra_env: dict[str, str]) -> tuple[int, str, int]:
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(not _machine_supports_it(), reason="needs Linux with glibc >= 2.35 and transparent huge pages")
+@pytest.mark.skipif(not huge_pages_apply(), reason="needs Linux with glibc >= 2.35 and transparent huge pages")
 def test_restart_sets_the_tunable_in_the_same_process():
     pid, tunables, launched_pid = _run({})
     assert tunables == "glibc.malloc.hugetlb=1"

@@ -13,8 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
 from mnist_jax.export.webruntime import RUNTIME_FILES
 from mnist_jax.serve import page
 
@@ -41,20 +39,10 @@ def write_web_folder(path: str, onnx_model: bytes, runtime: Path) -> None:
         shutil.copyfile(runtime / name, target / name)
     (target / MODEL_FILE).write_bytes(onnx_model)
     for size in ICON_SIZES:
-        _icon(size).save(target / f"icon-{size}.png")
+        page.icon(size, max(2, size // 12)).save(target / f"icon-{size}.png")
     files = sorted(p.name for p in target.iterdir())
     # The cache's name follows the model, so a new export replaces the offline copy of an old one.
     cache = "mnist-jax-" + hashlib.sha256(onnx_model).hexdigest()[:16]
     worker = (STATIC / "web" / "sw.js").read_text()
     worker = worker.replace("__CACHE__", cache).replace("__FILES__", json.dumps(["./"] + files))
     (target / "sw.js").write_text(worker)
-
-
-def _icon(size: int) -> Image.Image:
-    """The app's icon: a white 7 on the page's dark ink colour."""
-    icon = Image.new("RGB", (size, size), (29, 36, 48))
-    stroke = max(2, size // 12)
-    points = [(0.3, 0.28), (0.7, 0.28), (0.45, 0.75)]
-    ImageDraw.Draw(icon).line([(x * size, y * size) for x, y in points], fill=(255, 255, 255), width=stroke,
-                              joint="curve")
-    return icon

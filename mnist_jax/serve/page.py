@@ -24,15 +24,19 @@ def render(*, assets: str, hint: str, scripts: Sequence[str], footer: str, head:
     )
 
 
-def favicon() -> bytes:
-    """serve's /favicon.ico (browsers ask for it unbidden): a white 7 on the page's dark ink colour, 16 to 64 px."""
+def icon(size: int, stroke: int):
+    """The page's icon, `size` pixels square (a PIL image): a white 7 on the page's dark ink colour."""
     from PIL import Image, ImageDraw
 
-    size = 64
-    icon = Image.new("RGB", (size, size), (29, 36, 48))
+    image = Image.new("RGB", (size, size), (29, 36, 48))
     points = [(0.3, 0.28), (0.7, 0.28), (0.45, 0.75)]
-    ImageDraw.Draw(icon).line([(x * size, y * size) for x, y in points], fill=(255, 255, 255), width=size // 10,
-                              joint="curve")
+    ImageDraw.Draw(image).line([(x * size, y * size) for x, y in points], fill=(255, 255, 255), width=stroke,
+                               joint="curve")
+    return image
+
+
+def favicon() -> bytes:
+    """serve's /favicon.ico (browsers ask for it unbidden): the icon at 16 to 64 px."""
     buffer = io.BytesIO()
-    icon.save(buffer, format="ICO", sizes=[(16, 16), (32, 32), (64, 64)])
+    icon(64, 64 // 10).save(buffer, format="ICO", sizes=[(16, 16), (32, 32), (64, 64)])
     return buffer.getvalue()
