@@ -158,6 +158,27 @@ PRESETS: dict[str, Config] = {
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["architecture"])
 
 
+def flag_text(value: Any) -> str:
+    """A Config value as its flag takes it on the command line: tuples comma-separated, booleans true or false."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def changed_flags(config: Config, include: Callable[[dataclasses.Field], bool]) -> list[str]:
+    """["--name", "value", ...] for each field of `config` that `include` accepts and that differs from the default:
+    the flags that set up `config` again."""
+    default = Config()
+    words = []
+    for field in dataclasses.fields(Config):
+        value = getattr(config, field.name)
+        if value != getattr(default, field.name) and include(field):
+            words += ["--" + field.name.replace("_", "-"), flag_text(value)]
+    return words
+
+
 def preset(name: str) -> Config:
     """The named preset, or a UserError listing the names."""
     if name not in PRESETS:

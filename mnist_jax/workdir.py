@@ -17,7 +17,7 @@ import secrets
 import shlex
 from typing import IO, Any, Iterator
 
-from mnist_jax.config import Config, UserError, incompatible_fields, plural
+from mnist_jax.config import Config, UserError, changed_flags, incompatible_fields, plural
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -111,30 +111,18 @@ def resolve_config(workdir: str, requested: Config, chosen: set[str]) -> Config:
     return saved
 
 
-def _flag_text(value: Any) -> str:
-    """A config value as its flag takes it: tuples comma-separated, booleans true or false."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return str(value)
-
-
 def continue_command(workdir: str, saved: Config, epochs: int) -> str:
     """The transfer command that trains a run further: a new run from its best checkpoint (its architecture and
     weights; a fresh optimiser state) on a new schedule of `epochs`, with every other training setting of the run
     that differs from the default spelt out (add --data-dir where the data needs it)."""
-    default = Config()
-    flags = [f"--epochs {epochs}"]
-    for field in dataclasses.fields(Config):
-        value = getattr(saved, field.name)
-        if field.name == "epochs" or field.metadata["architecture"] or value == getattr(default, field.name):
-            continue
-        if field.metadata["flag"] or field.name == "freeze":  # transfer_from: the --from of this command
-            flags.append(f"--{field.name.replace('_', '-')} {shlex.quote(_flag_text(value))}")
+    def carried(field: dataclasses.Field) -> bool:  # the run's training settings (freeze: transfer's own flag)
+        metadata = field.metadata
+        return field.name != "epochs" and not metadata["architecture"] and (metadata["flag"] or field.name == "freeze")
+
+    flags = ["--epochs", str(epochs), *changed_flags(saved, carried)]
     target = os.path.normpath(workdir) + "-more"
     return (f"python -m mnist_jax.transfer --from {shlex.quote(os.path.normpath(workdir))} "
-            f"--workdir {shlex.quote(target)} {' '.join(flags)}")
+            f"--workdir {shlex.quote(target)} {shlex.join(flags)}")
 
 
 # --------------------------------------------------------------------------------------------- not a run

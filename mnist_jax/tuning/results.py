@@ -6,7 +6,6 @@ reproduces the best trial.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import os
 import shlex
@@ -17,7 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_jax import workdir
-from mnist_jax.config import Config
+from mnist_jax.config import Config, changed_flags
 from mnist_jax.tuning import space
 from mnist_jax.tuning.worker import ERROR_ATTR, SUMMARY_ATTR, trial_name
 
@@ -113,24 +112,12 @@ def write_plots(sweep_dir: str, study: optuna.Study, rows: list[dict[str, Any]],
             workdir.write_atomic(os.path.join(sweep_dir, file), buffer.getvalue())
 
 
-def _flag_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return str(value)
-
-
 def train_command(config: Config, workdir_path: str, data_dir: str | None) -> str:
     """The `train` command that trains `config` again: every field that differs from the training defaults."""
     words = ["python", "-m", "mnist_jax.train", "--workdir", workdir_path]
     if data_dir:
         words += ["--data-dir", data_dir]
-    default = Config()
-    for field in dataclasses.fields(Config):
-        value = getattr(config, field.name)
-        if field.metadata.get("flag", True) and value != getattr(default, field.name):
-            words += ["--" + field.name.replace("_", "-"), _flag_value(value)]
+    words += changed_flags(config, lambda field: field.metadata["flag"])
     return shlex.join(words)
 
 
