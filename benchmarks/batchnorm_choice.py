@@ -18,7 +18,6 @@ if __name__ == "__main__":  # as `python -m mnist_jax.train` runs: glibc's mallo
 
     restart_with_huge_pages()
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -29,7 +28,7 @@ import flax.linen as nn
 import jax
 
 from mnist_jax import backend, sharding, steps
-from mnist_jax.cli import quiet_libraries
+from mnist_jax.cli import ArgumentParser, quiet_libraries
 from mnist_jax.config import PRESETS
 from mnist_jax.model import CNN, build_model
 from mnist_jax.optim import make_optimizer
@@ -98,7 +97,7 @@ def format_table(rows: list[dict], markdown: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     add_window_flags(parser, rounds=6)
     args = parser.parse_args(argv)
     use_window_flags(parser, args)

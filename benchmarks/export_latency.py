@@ -27,7 +27,7 @@ import numpy as np
 
 from mnist_jax.export import runtimes
 from mnist_jax.checkpoint import restore_model
-from mnist_jax.cli import quiet_libraries
+from mnist_jax.cli import ArgumentParser, quiet_libraries
 from mnist_jax.data import load_split_numpy, resolve_data_dir
 from mnist_jax.inference import make_predict_fn
 
@@ -47,7 +47,7 @@ BROWSER_TIMING = """async ([digits, warmup]) => {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="the trained run whose export is timed")
     parser.add_argument("--export", help="the export folder (default: WORKDIR/export)")
     parser.add_argument("--data-dir", help="tfds data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")

@@ -21,6 +21,7 @@ if __name__ == "__main__":  # as `python -m mnist_jax.train` runs: glibc's mallo
     restart_with_huge_pages()
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -31,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnist_jax import backend, sharding, steps
-from mnist_jax.cli import quiet_libraries
+from mnist_jax.cli import ArgumentParser, quiet_libraries
 from mnist_jax.config import PRESETS
 from mnist_jax.model import build_model
 from mnist_jax.optim import make_optimizer
-from step_throughput import MEAN, NUM_EXAMPLES, STD, synthetic_split
+from step_throughput import MEAN, NUM_EXAMPLES, STD, alternating_train_speeds, synthetic_split
 
 CANDIDATES = {
     "xla-defaults": {},
@@ -73,13 +74,7 @@ def alternating_speeds(compiled: dict, states: dict, batches: list, mesh, rounds
         states[name] = current
         return len(batches) * batch_size / (time.perf_counter() - start)
 
-    for name in compiled:
-        window(name)  # warm-up
-    speeds = {name: [] for name in compiled}
-    for _ in range(rounds):
-        for name in compiled:
-            speeds[name].append(window(name))
-    return speeds
+    return alternating_train_speeds({name: functools.partial(window, name) for name in compiled}, rounds)
 
 
 def add_window_flags(parser: argparse.ArgumentParser, rounds: int) -> None:
@@ -163,7 +158,7 @@ def format_markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=tuple(PRESETS), default="default",
                         help="the preset whose train step is measured (default: default)")
     add_window_flags(parser, rounds=8)

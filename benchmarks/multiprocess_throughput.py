@@ -122,10 +122,10 @@ def format_table(rows: list[dict], markdown: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mnist_jax.cli import quiet_libraries
+    from mnist_jax.cli import ArgumentParser, quiet_libraries
 
     quiet_libraries()
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=128, help="global batch, split over the two devices")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=3, help="timed windows per worker start")

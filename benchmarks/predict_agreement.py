@@ -10,7 +10,6 @@ the accuracy on the raw arrays, which is what `evaluate` reports.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -18,7 +17,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from mnist_jax.cli import quiet_libraries
+from mnist_jax.cli import ArgumentParser, quiet_libraries
 from mnist_jax.checkpoint import restore_model
 from mnist_jax.data import load_split_numpy, resolve_data_dir
 from mnist_jax.inference import make_predict_fn
@@ -34,7 +33,7 @@ FORMS = {
 
 def main() -> None:
     quiet_libraries()
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--data-dir")
     parser.add_argument("--count", type=int, default=10_000, help="how many test images (default: all)")

@@ -10,7 +10,6 @@ drawing page's canvas size (280x280, RGBA, what the browser sends); --image-size
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import io
 import json
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from mnist_jax.cli import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 READY = re.compile(r"serving \S+ checkpoint \d+ at (http://\S+)")
@@ -115,7 +116,7 @@ def run_load(url: str, pngs: list[bytes], requests: int, clients: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--workdir", help="start a server on this training workdir (on a free 127.0.0.1 port)")
     target.add_argument("--url", help="measure an already running server, e.g. http://127.0.0.1:8000")

@@ -25,7 +25,6 @@ if __name__ == "__main__":  # as `python -m mnist_jax.train` runs: glibc's mallo
 
     restart_with_huge_pages()
 
-import argparse
 import collections
 import dataclasses
 import glob
@@ -37,18 +36,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from mnist_jax import backend, sharding, steps
-from mnist_jax.cli import quiet_libraries
+from mnist_jax.cli import ArgumentParser, quiet_libraries
 from mnist_jax.config import PRESETS
 from mnist_jax.model import build_model
 from mnist_jax.optim import make_optimizer
-from step_throughput import MEAN, NUM_EXAMPLES, STD, synthetic_split
+from fusion_choice import random_batches
+from step_throughput import MEAN, NUM_EXAMPLES, STD, KerasWorker, synthetic_split
 
 LAYER = re.compile(r"/(conv\d+_\d+|dense\d+|head)/")
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = (.*?) ([\w-]+)\((.*)$")
@@ -175,10 +172,7 @@ def our_breakdown(batch_size: int, steps_measured: int) -> dict:
                                      jax.random.PRNGKey(0), (28, 28, 1))
     state = jax.device_put(state, sharding.replicated(mesh))
     split = jax.device_put(synthetic_split(NUM_EXAMPLES), sharding.replicated(mesh))
-    take = jax.jit(steps.take_batch, out_shardings=sharding.batch_sharded(mesh))
-    rng = np.random.default_rng(0)
-    batches = [take(split, jnp.asarray(rng.integers(0, NUM_EXAMPLES, batch_size, dtype=np.int32)))
-               for _ in range(steps_measured)]
+    batches = random_batches(split, mesh, batch_size, steps_measured)
     step = steps.make_train_step(config)
     compiled = backend.compile_for_backend(step, state, batches[0])
     settle = backend.settle(mesh)
@@ -217,13 +211,9 @@ ONEDNN_LINE = re.compile(r"^onednn_verbose,(?:v\d+,)?(?:primitive,)?exec,cpu,([\
 
 def keras_breakdown(batch_size: int, steps_measured: int) -> dict:
     """oneDNN's primitive times per step of the Keras model, by layer and kind, and the step's wall time."""
-    script = Path(__file__).with_name("keras_worker.py")
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "ONEDNN_VERBOSE": "1"}
-    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    command, env = KerasWorker.command(batch_size, steps_measured, ONEDNN_VERBOSE="1")
     commands = "window\n" * 2 + "quit\n"  # the first window warms up; the second is measured
-    result = subprocess.run([sys.executable, str(script), "--batch-size", str(batch_size), "--steps",
-                             str(steps_measured)], input=commands, capture_output=True, text=True, env=env,
-                            timeout=900)
+    result = subprocess.run(command, input=commands, capture_output=True, text=True, env=env, timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"keras_worker.py failed: {result.stderr[-2000:]}")
     answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -268,7 +258,7 @@ def table(title: str, breakdown: dict, markdown: bool, wall: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="profiled steps (after warm-up)")
     parser.add_argument("--cpu-devices", type=int, default=None,

@@ -34,7 +34,6 @@ if __name__ == "__main__":  # as `python -m mnist_jax.train` runs: glibc's mallo
 
     restart_with_huge_pages()
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -52,7 +51,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from mnist_jax.cli import quiet_libraries
+from mnist_jax.cli import ArgumentParser, quiet_libraries
 from mnist_jax import backend, sharding, steps
 from mnist_jax.config import PRESETS, Config
 from mnist_jax.data import Split
@@ -167,12 +166,17 @@ class KerasWorker:
     SCRIPT = Path(__file__).with_name("keras_worker.py")
 
     def __init__(self, batch_size: int, steps: int) -> None:
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-        env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # TensorFlow's default: its oneDNN kernels, as a notebook gets them
-        self._process = subprocess.Popen(
-            [sys.executable, str(self.SCRIPT), "--batch-size", str(batch_size), "--steps", str(steps)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        command, env = self.command(batch_size, steps)
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True, env=env)
         self.versions = self._answer()
+
+    @classmethod
+    def command(cls, batch_size: int, steps: int, **extra_env: str) -> tuple[list[str], dict[str, str]]:
+        """The worker's command line and environment: Keras on TensorFlow, with `extra_env` added."""
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow", **extra_env}
+        env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # TensorFlow's default: its oneDNN kernels, as a notebook gets them
+        return [sys.executable, str(cls.SCRIPT), "--batch-size", str(batch_size), "--steps", str(steps)], env
 
     def _answer(self) -> dict:
         line = self._process.stdout.readline()
@@ -337,7 +341,7 @@ IMPLEMENTATIONS = ("reference", "per_step", "on_device_epoch", "data_parallel", 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=tuple(PRESETS), default="default",
                         help="the preset whose model is measured (default: default)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512])

@@ -16,7 +16,6 @@ WORKDIR/transfer_study.png (accuracy vs N per method, one panel per direction).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -26,7 +25,7 @@ import time
 from typing import Any
 
 from mnist_jax import backend, transfer, workdir
-from mnist_jax.cli import quiet_libraries
+from mnist_jax.cli import ArgumentParser, quiet_libraries
 from mnist_jax.config import Config, RunOptions
 from mnist_jax.training import train_and_evaluate
 
@@ -166,7 +165,7 @@ def write_reports(root: str, rows: list[dict[str, Any]], sizes: list[int], wall:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="cache of sources and runs; the reports land here")
     parser.add_argument("--data-dir", help="tfds data directory holding mnist and fashion_mnist")
     parser.add_argument("--sizes", default="100,1000,10000", help="N values, comma-separated")

@@ -39,10 +39,10 @@ def _new_figure(width_inches: float, height_inches: float) -> Figure:
     return figure
 
 
-def _save_atomically(figure: Figure, path: str | os.PathLike[str]) -> None:
+def save_atomically(figure: Figure, path: str | os.PathLike[str], **savefig_options: Any) -> None:
     """Render to memory, then replace ``path`` in one step: readers see the old file or the complete new one."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
+    figure.savefig(buffer, format="png", dpi=DPI, **savefig_options)
     write_atomic(os.fspath(path), buffer.getvalue())
 
 
@@ -96,7 +96,7 @@ def figure_pixels(figure: Figure) -> np.ndarray:
 
 def plot_curves(history: list[dict[str, float]], path: str | os.PathLike[str]) -> None:
     """Loss and accuracy per epoch for train/test (and validation when recorded)."""
-    _save_atomically(curves_figure(history), path)
+    save_atomically(curves_figure(history), path)
 
 
 def curves_figure(history: list[dict[str, float]]) -> Figure:
@@ -126,7 +126,7 @@ def curves_figure(history: list[dict[str, float]]) -> Figure:
 
 def plot_confusion_matrix(matrix: ArrayLike, class_names: list[str], path: str | os.PathLike[str]) -> None:
     """Confusion matrix heat map with the count written in every cell; rows are true classes."""
-    _save_atomically(confusion_matrix_figure(matrix, class_names), path)
+    save_atomically(confusion_matrix_figure(matrix, class_names), path)
 
 
 def confusion_matrix_figure(matrix: ArrayLike, class_names: list[str]) -> Figure:
@@ -165,7 +165,7 @@ def plot_examples(images: ArrayLike, labels: ArrayLike, class_names: list[str], 
         raise ValueError(f"expected as many labels as images (at least one), got {len(labels)} and {len(batch)}")
     figure = _image_grid(batch, [class_names[label] for label in labels], [CORRECT_COLOUR] * len(batch), columns,
                          title)
-    _save_atomically(figure, path)
+    save_atomically(figure, path)
 
 
 def plot_class_balance(counts: dict[str, ArrayLike], class_names: list[str], path: str | os.PathLike[str]) -> None:
@@ -189,7 +189,7 @@ def plot_class_balance(counts: dict[str, ArrayLike], class_names: list[str], pat
     axes.set_title("Examples per class")
     axes.grid(axis="y", alpha=0.3)
     axes.legend(loc="upper center", ncols=len(counts))
-    _save_atomically(figure, path)
+    save_atomically(figure, path)
 
 
 def plot_samples(
@@ -214,7 +214,7 @@ def plot_samples(
         mistakes = int(np.sum(labels != predictions))
         suptitle = f"Sample predictions (true / predicted) - {mistakes} of {len(batch)} wrong, in red"
         figure = _image_grid(batch, titles, colours, columns, suptitle)
-    _save_atomically(figure, path)
+    save_atomically(figure, path)
 
 
 def most_confident_mistakes(
@@ -255,7 +255,7 @@ def plot_mistakes(
         total_wrong = int(np.sum(labels != predictions))
         suptitle = f"Most confident mistakes ({len(indices)} of {total_wrong} wrong, sorted by confidence)"
         figure = _image_grid(batch[indices], titles, [MISTAKE_COLOUR] * len(indices), 6, suptitle)
-    _save_atomically(figure, path)
+    save_atomically(figure, path)
 
 
 def plot_per_class(report: dict[str, Any], class_names: list[str], path: str | os.PathLike[str]) -> None:
@@ -281,7 +281,7 @@ def plot_per_class(report: dict[str, Any], class_names: list[str], path: str | o
     )
     axes.grid(axis="y", alpha=0.3)
     axes.legend(loc="upper center", ncols=3)
-    _save_atomically(figure, path)
+    save_atomically(figure, path)
 
 
 def plot_augmentations(originals: ArrayLike, augmented: ArrayLike, path: str | os.PathLike[str]) -> None:
@@ -296,7 +296,7 @@ def plot_augmentations(originals: ArrayLike, augmented: ArrayLike, path: str | o
                                               for _ in range(len(originals))]
     figure = _image_grid(images, titles, ["black"] * len(images), len(originals),
                          "Training augmentation: each example warped by its own random transform")
-    _save_atomically(figure, path)
+    save_atomically(figure, path)
 
 
 def _short(value: Any) -> str:
@@ -323,4 +323,4 @@ def plot_sweep(rows: list[dict[str, Any]], names: Sequence[str], path: str | os.
     axes.set_xlabel("accuracy (%)")
     axes.set_title(f"Sweep: {count} trial{'s' if count != 1 else ''} ranked on validation accuracy")
     axes.legend(loc="lower right", fontsize=8)
-    _save_atomically(figure, path)
+    save_atomically(figure, path)

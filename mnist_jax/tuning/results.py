@@ -87,12 +87,12 @@ def write_plots(sweep_dir: str, study: optuna.Study, rows: list[dict[str, Any]],
     import optuna.visualization.matplotlib as optuna_plots
     from matplotlib.ticker import MaxNLocator
 
-    from mnist_jax.plots import plot_sweep
+    from mnist_jax.plots import plot_sweep, save_atomically
 
     measured = [row for row in rows if row["validation_accuracy"] != ""]
     if measured:
         plot_sweep(measured, names, os.path.join(sweep_dir, "sweep.png"))
-    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    finished = sum(row["state"] == TrialState.COMPLETE.name.lower() for row in rows)
     # Optuna draws through pyplot and sets its own style: both stay inside this block.
     with matplotlib.rc_context(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its plots are experimental, and say so on every call
@@ -105,11 +105,8 @@ def write_plots(sweep_dir: str, study: optuna.Study, rows: list[dict[str, Any]],
                 first.xaxis.set_major_locator(MaxNLocator(integer=True))
                 first.set_xlabel("epoch")
                 first.set_ylabel(f"{TARGET} (pruned trials included)")
-            figure = first.figure
-            buffer = io.BytesIO()
-            figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-            plt.close(figure)
-            workdir.write_atomic(os.path.join(sweep_dir, file), buffer.getvalue())
+            save_atomically(first.figure, os.path.join(sweep_dir, file), bbox_inches="tight")
+            plt.close(first.figure)
 
 
 def train_command(config: Config, workdir_path: str, data_dir: str | None) -> str:
