@@ -166,22 +166,23 @@ def evaluate_split(state: steps.TrainState, split: data.Split, batch_size: int, 
 def evaluate_split_tta(model: CNN, state: steps.TrainState, split: data.Split, num_classes: int) -> dict[str, float]:
     """Loss and accuracy of the predictions averaged over `augment.TEST_TIME_VIEWS`, by the jitted function that
     `evaluate --tta` uses, so both print the same figure for the same weights."""
-    def host(array: jax.Array) -> np.ndarray:  # replicated: each device holds all of it, on every host
-        return np.asarray(array.addressable_data(0))
-
     predict = inference.predict_fn_for([model], [_host_variables(state)],
                                        tuple(split.images.shape[1:]), num_classes, test_time_augmentation=True)
-    labels = host(split.labels)
-    probabilities = predict(host(split.images))
+    labels = _on_host(split.labels)
+    probabilities = predict(_on_host(split.images))
     picked = probabilities[np.arange(len(labels)), labels].astype(np.float64)
     return {"loss": float(-np.log(np.maximum(picked, np.finfo(np.float32).tiny)).mean()),
             "accuracy": float(np.mean(probabilities.argmax(axis=-1) == labels))}
 
 
+def _on_host(array: jax.Array) -> np.ndarray:
+    """This process's copy of a replicated array (each device holds all of it, on every host): no collective."""
+    return np.asarray(array.addressable_data(0))
+
+
 def _host_variables(state: steps.TrainState) -> dict[str, Any]:
-    """The model's variables as this process's copy (they are replicated): evaluation on one device, no
-    collective."""
-    return jax.tree_util.tree_map(lambda array: np.asarray(array.addressable_data(0)), state.variables())
+    """The model's variables as this process's copy: evaluation on one device."""
+    return jax.tree_util.tree_map(_on_host, state.variables())
 
 
 def _write_final_summary(workdir_path: str, config: Config, history: list[dict[str, Any]], model: CNN,
@@ -189,8 +190,8 @@ def _write_final_summary(workdir_path: str, config: Config, history: list[dict[s
     """The finished run's TensorBoard images and hyperparameters, with the test split's confusion matrix."""
     predict = inference.predict_fn_for([model], [_host_variables(state)], dataset.image_shape, dataset.num_classes,
                                        config.eval_batch_size)
-    labels = np.asarray(dataset.test.labels.addressable_data(0))
-    predictions = predict(np.asarray(dataset.test.images.addressable_data(0))).argmax(axis=-1)
+    labels = _on_host(dataset.test.labels)
+    predictions = predict(_on_host(dataset.test.images)).argmax(axis=-1)
     matrix = np.asarray(metrics.confusion_matrix(labels, predictions, dataset.num_classes))
     summaries.write_final(workdir_path, config, history, matrix, list(dataset.class_names))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 from typing import Any, Iterator
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -37,10 +38,7 @@ class SearchSpace:
 
     @property
     def grid_size(self) -> int:
-        size = 1
-        for values in self.grid.values():
-            size *= len(values)
-        return size
+        return math.prod(map(len, self.grid.values()))
 
 
 def _name(spec: str, flag: str) -> tuple[str, str]:
