@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (CHROMIUM, CHROMIUM_ARGS, CLASS_NAMES, IN_PROCESS, NAMED, STRONG_TINY_FLAGS, SUBPROCESS,
-                     TINY_FLAGS, TINY_RUN_FLAGS, XLA_CACHE_VARIABLE, Way, built_once, npm_pack, real_data_dir,
+from helpers import (CHROMIUM, CHROMIUM_ARGS, CLASS_NAMES, IN_PROCESS, NAMED, SMALL_MODEL_FLAGS, STRONG_TINY_FLAGS,
+                     SUBPROCESS, TINY_FLAGS, TINY_RUN_FLAGS, XLA_CACHE_VARIABLE, Way, built_once, npm_pack, real_data_dir,
                      real_data_missing, refuse_python_subprocesses, shared_path, trained_once, write_tiny_dataset)
 from mnist_jax.datacache import CACHE_VARIABLE as DATA_CACHE_VARIABLE
 
@@ -140,8 +140,7 @@ def named_run_in_process(tmp_path_factory, named_data_dir) -> Path:
     """One epoch of a small model on tiny_named, trained by the training command's main in a test process: a run
     whose classes have names."""
     return trained_once(tmp_path_factory, "named-run-in-process", "--data-dir", named_data_dir, *TINY_FLAGS,
-                        "--dataset", NAMED, "--epochs", "1", "--conv-features", "8,16", "--dense-features", "32",
-                        in_process=True)
+                        "--dataset", NAMED, "--epochs", "1", *SMALL_MODEL_FLAGS, in_process=True)
 
 
 # --------------------------------------------------------------------------------------------- both ways

@@ -27,12 +27,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from unittest import mock
 
 import numpy as np
@@ -51,6 +52,9 @@ TINY_FLAGS = ("--dataset", TINY, "--batch-size", "32", "--eval-batch-size", "100
 TINY_RUN_FLAGS = ("--epochs", "3", "--learning-rate", "0.003")  # tiny_run (3 epochs of 20 steps)
 STRONG_TINY_FLAGS = ("--epochs", "3", "--warmup-epochs", "0.5", "--validation-fraction", "0.25")  # strong_tiny_run
 SMALL_MODEL = {"conv_features": (8, 16), "dense_features": (32,)}  # for tests that do not depend on the architecture
+# SMALL_MODEL as the training command's flags: --conv-features 8,16 --dense-features 32
+SMALL_MODEL_FLAGS = tuple(word for field, sizes in SMALL_MODEL.items()
+                          for word in (f"--{field.replace('_', '-')}", ",".join(map(str, sizes))))
 # tiny_named: tiny_digits' images with fashion_mnist's class names, for the tools that print or return a class.
 NAMED = "tiny_named"
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -59,6 +63,12 @@ TIMING_FIELDS = {"train_images_per_second", "elapsed_seconds"}  # wall-clock fac
 
 # How a test runs a tool: `main` called in this process (the fast tier), or `python -m` in a subprocess (e2e).
 IN_PROCESS, SUBPROCESS = "in_process", "subprocess"
+# Each `mnist-jax COMMAND` and the module its `python -m` form runs, in the order `mnist-jax --help` lists them.
+COMMAND_MODULES = {"train": "mnist_jax.train", "evaluate": "mnist_jax.evaluate", "predict": "mnist_jax.predict",
+                   "serve": "mnist_jax.serve", "export": "mnist_jax.export", "sweep": "mnist_jax.sweep",
+                   "transfer": "mnist_jax.transfer"}
+# The tools that only read a run's checkpoints (never train or move one).
+READING_TOOLS = ("mnist_jax.evaluate", "mnist_jax.predict", "mnist_jax.serve", "mnist_jax.export")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -229,10 +239,31 @@ def run_tool(way: str, module: str, *args, timeout: float = 300) -> subprocess.C
     if way == SUBPROCESS:
         return run_module(module, *args, timeout=timeout)
     assert way == IN_PROCESS, way
+    return run_main_in_process(tool_main(module), *args)
+
+
+def tool_main(module: str):
+    """The `main` that `python -m module` runs: the module's own, or for a package (export, serve) its
+    __main__'s."""
     tool = importlib.import_module(module)
-    if hasattr(tool, "__path__"):  # a package (export, serve): its command is its __main__
+    if hasattr(tool, "__path__"):
         tool = importlib.import_module(f"{module}.__main__")
-    return run_main_in_process(tool.main, *args)
+    return tool.main
+
+
+def unavailable(message: str) -> NoReturn:
+    """A test's missing requirement: skips with `message`, except in CI, which installs everything (.ci/run), where
+    the absence is a failure."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listened on a moment ago (the OS's pick, released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class Way:
@@ -270,8 +301,6 @@ def train_in_process(config, data_dir: Path, workdir: Path, stopped_after_epoch_
     """Trains `config` (two 20-step epochs of tiny_digits) in this process on one device and returns its history
     without the timing fields and its latest variables as numpy arrays. With `stopped_after_epoch_1_of`, the
     workdir starts as a copy of that finished run without epoch 2's checkpoint (step 40), as if killed there."""
-    import shutil
-
     import jax
 
     from mnist_jax.checkpoint import restore_model
@@ -337,6 +366,30 @@ def snapshot(workdir) -> dict[str, bytes]:
             with open(path, "rb") as handle:
                 files[os.path.relpath(path, workdir)] = handle.read()
     return files
+
+
+# --------------------------------------------------------------------------------------------- the package's modules
+def module_name(path: Path) -> str:
+    """mnist_jax/export/pipeline.py -> mnist_jax.export.pipeline; a package's __init__.py -> the package."""
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_modules() -> dict[str, Path]:
+    """{module name: its file} of every module of the package mnist_jax, its subpackages' too."""
+    return {module_name(path): path for path in (REPO / "mnist_jax").rglob("*.py")}
+
+
+def reachable(graph: dict[str, set[str]], roots) -> set[str]:
+    """The nodes reached from `roots` by one edge or more of `graph` ({node: the nodes it leads to}; a node missing
+    from it leads nowhere): a root is among them only when a path leads back to it."""
+    seen, stack = set(), list(roots)
+    while stack:
+        for node in graph.get(stack.pop(), ()):
+            if node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return seen
 
 
 # --------------------------------------------------------------------------------------------- steps and states
@@ -480,6 +533,23 @@ def overwrite_data_files(step_dir, arrays_only: bool = True):
             Path(path).write_bytes(rng.integers(0, 256, os.path.getsize(path), dtype=np.uint8).tobytes())
 
 
+CORRUPTIONS = {
+    "truncated": corrupt,  # every file empty, its JSON too
+    "array data overwritten": overwrite_data_files,  # TensorStore fails while reading the arrays
+    "array metadata overwritten": lambda step_dir: overwrite_data_files(step_dir, arrays_only=False),
+}
+
+
+def corrupt_copy(run, tmp_path, corruption: str, steps=("60",)) -> Path:
+    """A copy of a finished run (checkpoints 20, 40, 60) as tmp_path/run whose checkpoints `steps` (by default the
+    newest) are corrupt, in a way of CORRUPTIONS."""
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir)
+    for step in steps:
+        CORRUPTIONS[corruption](workdir / "checkpoints" / step)
+    return workdir
+
+
 # --------------------------------------------------------------------------------------------- serving
 READY = re.compile(r"serving \S+ checkpoint (\d+) at (http://\S+)")
 
@@ -597,9 +667,7 @@ def web_runtime_dir() -> Path:
     try:
         return webruntime.checked_dist(directory, "run `npm ci` in the repository")
     except webruntime.RuntimeUnavailable as error:
-        if os.environ.get("CI"):
-            pytest.fail(str(error))
-        pytest.skip(str(error))
+        unavailable(str(error))
 
 
 # --------------------------------------------------------------------------------------------- an npm registry
@@ -607,9 +675,7 @@ def npm_pack(package: str, version: str, folder: Path) -> Path:
     """The registry's own tarball of package@version, by `npm pack` (from npm's cache when it holds it, as after
     `npm ci`); skips without npm, except in CI, which installs it (.ci/run)."""
     if not shutil.which("npm"):
-        if os.environ.get("CI"):
-            pytest.fail("npm is not installed")
-        pytest.skip("npm is not installed (apt-get install -y npm)")
+        unavailable("npm is not installed (apt-get install -y npm)")
     folder.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(["npm", "pack", f"{package}@{version}", "--prefer-offline", "--silent",
                              "--pack-destination", str(folder)], capture_output=True, text=True, timeout=600)
@@ -658,7 +724,6 @@ def npm_registry(root: Path, tarball: bytes, package: str, version: str) -> Path
 def postgres_tool(name: str) -> str | None:
     """initdb or pg_ctl: from PATH, else from Debian's versioned folder (the `postgresql` package), or None."""
     import glob
-    import shutil
 
     found = shutil.which(name)
     if found:
@@ -674,24 +739,17 @@ class PostgresServer:
 
     def __init__(self) -> None:
         import pwd
-        import shutil
-        import socket
         import tempfile
 
         initdb, self.pg_ctl = postgres_tool("initdb"), postgres_tool("pg_ctl")
         if initdb is None or self.pg_ctl is None:
-            message = "PostgreSQL is not installed (initdb, pg_ctl; Debian: apt-get install postgresql)"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
+            unavailable("PostgreSQL is not installed (initdb, pg_ctl; Debian: apt-get install postgresql)")
         self.folder = Path(tempfile.mkdtemp(prefix="mnist_jax-postgres-"))
         self.as_user: list[str] = []
         if os.geteuid() == 0:
             shutil.chown(self.folder, pwd.getpwnam("postgres").pw_uid)
             self.as_user = ["runuser", "-u", "postgres", "--"]
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         self.data = self.folder / "data"
         subprocess.run([*self.as_user, initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"],
                        check=True, capture_output=True)
@@ -701,8 +759,6 @@ class PostgresServer:
         self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
 
     def stop(self) -> None:
-        import shutil
-
         subprocess.run([*self.as_user, self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop"],
                        capture_output=True)
         shutil.rmtree(self.folder, ignore_errors=True)

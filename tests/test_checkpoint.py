@@ -3,18 +3,15 @@ with a corrupt one (train moves it aside and resumes; the reading tools stop wit
 
 import os
 import re
-import shutil
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from PIL import Image
 
 from mnist_jax import checkpoint
 from mnist_jax.config import Config, UserError
 
-from helpers import (assert_trees_equal, corrupt, fixed_batch, meta, overwrite_data_files, save_epochs, snapshot,
-                     train_step, trained_state)
+from helpers import (CORRUPTIONS, READING_TOOLS, assert_trees_equal, corrupt, corrupt_copy, digit_png, fixed_batch,
+                     meta, run_main_in_process, save_epochs, snapshot, train_step, trained_state)
 
 
 def test_save_then_restore_gives_equal_arrays(tmp_path):
@@ -92,12 +89,7 @@ def test_corrupt_latest_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------- the reading tools
-CORRUPTIONS = {
-    "truncated": corrupt,  # every file empty, its JSON too
-    "array data overwritten": overwrite_data_files,  # TensorStore fails while reading the arrays
-    "array metadata overwritten": lambda step_dir: overwrite_data_files(step_dir, arrays_only=False),
-}
-READING_TOOLS = {  # each reading tool's arguments besides --workdir
+READING_TOOL_ARGS = {  # each reading tool's arguments besides --workdir
     "mnist_jax.evaluate": lambda data_dir, image: ("--data-dir", data_dir),
     "mnist_jax.predict": lambda data_dir, image: (image,),
     "mnist_jax.serve": lambda data_dir, image: ("--port", "0"),
@@ -106,14 +98,6 @@ READING_TOOLS = {  # each reading tool's arguments besides --workdir
 # One whole line: the checkpoint, why (TensorStore's own message, without its many-line spec), and what reads.
 REFUSAL = re.compile(r"error: checkpoint 60 in (\S+)/checkpoints is unreadable \((.+)\); "
                      r"the newest readable one is 40: pass --checkpoint 40\n")
-
-
-def corrupt_copy(run, tmp_path, corruption: str):
-    """A copy of a finished run (checkpoints 20, 40, 60) whose newest checkpoint is corrupt."""
-    workdir = tmp_path / "run"
-    shutil.copytree(run, workdir)
-    CORRUPTIONS[corruption](workdir / "checkpoints" / "60")
-    return workdir
 
 
 def assert_refused(result, workdir) -> None:
@@ -132,9 +116,9 @@ def test_the_reading_tools_name_the_unreadable_checkpoint_and_the_newest_that_re
     export stop alike, move nothing, and say which checkpoint to use instead."""
     workdir = corrupt_copy(way.fixture("tiny_run"), tmp_path, "array data overwritten")
     image = tmp_path / "digit.png"
-    Image.fromarray(np.pad(np.full((12, 6), 255, np.uint8), 8)).save(image)
+    image.write_bytes(digit_png(0))
     before = snapshot(workdir)
-    result = way.run(tool, "--workdir", workdir, *READING_TOOLS[tool](tiny_data_dir, image))
+    result = way.run(tool, "--workdir", workdir, *READING_TOOL_ARGS[tool](tiny_data_dir, image))
     assert_refused(result, workdir)
     assert snapshot(workdir) == before  # reading tools never move a checkpoint (train does)
 
@@ -143,8 +127,6 @@ def test_the_reading_tools_name_the_unreadable_checkpoint_and_the_newest_that_re
 def test_every_kind_of_corruption_gets_the_line_and_the_named_checkpoint_reads(corruption, tiny_run_in_process,
                                                                                tiny_data_dir, tmp_path):
     from mnist_jax.evaluate import main as evaluate_main
-
-    from helpers import run_main_in_process
 
     workdir = corrupt_copy(tiny_run_in_process, tmp_path, corruption)
     for which in ("best", "latest", "60"):  # best: the newest checkpoint's history names it
@@ -158,10 +140,7 @@ def test_every_kind_of_corruption_gets_the_line_and_the_named_checkpoint_reads(c
 
 
 def test_with_no_readable_checkpoint_the_line_says_so(tiny_run_in_process, tmp_path):
-    workdir = tmp_path / "run"
-    shutil.copytree(tiny_run_in_process, workdir)
-    for step in ("20", "40", "60"):
-        overwrite_data_files(workdir / "checkpoints" / step)
+    workdir = corrupt_copy(tiny_run_in_process, tmp_path, "array data overwritten", steps=("20", "40", "60"))
     with pytest.raises(checkpoint.UnreadableCheckpoint, match=r"checkpoint 60 .* no other checkpoint in it is "
                                                                r"readable$") as raised:
         checkpoint.restore_model(str(workdir))

@@ -3,7 +3,6 @@ line when Orbax abandons the reads of a corrupt checkpoint."""
 
 import gc
 import logging
-import shutil
 import sys
 import time
 import types
@@ -12,13 +11,10 @@ import pytest
 
 from mnist_jax import checkpoint, cli
 
-from helpers import IN_PROCESS, TINY_FLAGS, overwrite_data_files, run_main_in_process, run_tool
-
-TOOLS = ("mnist_jax.train", "mnist_jax.transfer", "mnist_jax.sweep", "mnist_jax.evaluate", "mnist_jax.predict",
-         "mnist_jax.serve", "mnist_jax.export")
+from helpers import COMMAND_MODULES, IN_PROCESS, TINY_FLAGS, corrupt_copy, run_main_in_process, run_tool
 
 
-@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("tool", COMMAND_MODULES.values())
 def test_a_misspelt_flag_is_named_with_the_one_meant(tool):
     """Even where the flag meant is a required one (argparse alone says only that --workdir is missing)."""
     result = run_tool(IN_PROCESS, tool, "--workdr", "x")
@@ -92,10 +88,10 @@ def test_only_the_abandoned_reads_reports_are_dropped(reported):
     async def our_own():
         pass
 
-    own_coroutine = our_own()
-    sys.unraisablehook(unraisable(Exception("x"), own_coroutine))
-    assert [entry.exc_value for entry in reported] == [ours.exc_value, reported[1].exc_value]
-    assert reported[1].object is own_coroutine
+    own_coroutine, own_error = our_own(), Exception("x")
+    sys.unraisablehook(unraisable(own_error, own_coroutine))
+    assert [entry.exc_value for entry in reported] == [ours.exc_value, own_error]  # exceptions compare by identity
+    assert [entry.object for entry in reported] == [None, own_coroutine]
     coroutine.close(), own_coroutine.close()
     installed, filters = sys.unraisablehook, list(logging.getLogger("asyncio").filters)
     cli.drop_abandoned_checkpoint_reads()  # once per process: a second call adds nothing
@@ -123,9 +119,7 @@ def test_log_records_of_abandoned_reads_and_orbax_are_dropped(reported, logger, 
 def test_a_corrupt_checkpoint_read_again_and_again_reports_nothing_more(reported, tiny_run_in_process, tmp_path):
     """The real thing: each failed restore leaves TensorStore reads in flight on a closed loop. Whatever they
     report reaches neither the hook beneath nor the logs."""
-    workdir = tmp_path / "run"
-    shutil.copytree(tiny_run_in_process, workdir)
-    overwrite_data_files(workdir / "checkpoints" / "60")
+    workdir = corrupt_copy(tiny_run_in_process, tmp_path, "array data overwritten")
     records = []
     handler = logging.Handler()
     handler.emit = records.append

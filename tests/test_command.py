@@ -15,13 +15,10 @@ from mnist_jax import __main__ as command
 from mnist_jax import cli
 from mnist_jax.backend import HUGE_PAGES_OPT_OUT
 
-from helpers import (REPO, TINY_FLAGS, TINY_RUN_FLAGS, cli_env, digit_png, huge_pages_apply, read_jsonl, results,
-                     run_module, without_huge_page_settings)
+from helpers import (COMMAND_MODULES, REPO, TINY_FLAGS, TINY_RUN_FLAGS, cli_env, digit_png, huge_pages_apply,
+                     read_jsonl, results, run_module, tool_main, unavailable, without_huge_page_settings)
 
 SCRIPT = Path(sys.executable).parent / "mnist-jax"
-MODULE_FORMS = {"train": "mnist_jax.train", "evaluate": "mnist_jax.evaluate", "predict": "mnist_jax.predict",
-                "serve": "mnist_jax.serve", "export": "mnist_jax.export", "sweep": "mnist_jax.sweep",
-                "transfer": "mnist_jax.transfer"}
 
 
 def run_command(capsys, *argv: str) -> tuple[int, str, str]:
@@ -35,7 +32,7 @@ def test_help_lists_every_command_on_one_line(capsys):
     status, out, _ = run_command(capsys, "--help")
     assert status == 0
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
-    assert listed == list(MODULE_FORMS) == list(command.COMMANDS)
+    assert listed == list(COMMAND_MODULES) == list(command.COMMANDS)
     assert out.startswith("usage: mnist-jax COMMAND [ARGS ...]")
 
 
@@ -46,12 +43,9 @@ def test_a_missing_or_unknown_command_is_one_line_and_exit_2(capsys, argv, messa
     assert status == 2 and out == "" and err.startswith(message) and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("name", list(MODULE_FORMS))
+@pytest.mark.parametrize("name", list(COMMAND_MODULES))
 def test_each_command_runs_its_python_m_forms_main(name):
-    module = importlib.import_module(MODULE_FORMS[name])
-    if hasattr(module, "__path__"):  # a package: `python -m` runs its __main__
-        module = importlib.import_module(f"{MODULE_FORMS[name]}.__main__")
-    assert importlib.import_module(command.COMMANDS[name].module).main is module.main
+    assert importlib.import_module(command.COMMANDS[name].module).main is tool_main(COMMAND_MODULES[name])
     assert command.COMMANDS[name].trains == (name in ("train", "sweep", "transfer"))
 
 
@@ -81,10 +75,7 @@ def test_usage_names_the_command_as_it_was_typed(monkeypatch):
 @pytest.fixture
 def script() -> Path:
     if not SCRIPT.exists():
-        message = f"{SCRIPT} is not installed (pip install -e \".[dev]\" writes it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{SCRIPT} is not installed (pip install -e \".[dev]\" writes it)")
     return SCRIPT
 
 

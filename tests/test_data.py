@@ -1,6 +1,5 @@
 import shutil
 import socket
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -9,7 +8,8 @@ import pytest
 from mnist_jax import data
 from mnist_jax.config import UserError
 
-from helpers import TINY
+from helpers import (REAL_DATA_VARIABLE, REPO, SHARED_DATA, TINY, TINY_FLAGS, real_data_dir, real_data_missing,
+                     run_main_in_process, run_module)
 
 
 def test_loader_reads_a_tfds_dataset_onto_the_device(tiny_data_dir):
@@ -68,8 +68,6 @@ def test_missing_dataset_offline_fails_at_once_naming_data_dir(monkeypatch, tmp_
 @pytest.mark.e2e
 def test_without_data_dir_the_error_names_tfds_default_folder(monkeypatch, tmp_path):
     """No --data-dir and no $TFDS_DATA_DIR: the message names the folder tfds looked in, ~/tensorflow_datasets."""
-    from helpers import run_module
-
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
     result = run_module("mnist_jax.train", "--workdir", tmp_path / "run")
@@ -84,8 +82,6 @@ def test_a_data_dir_a_level_off_is_named_with_the_one_that_holds_the_dataset(giv
     """One or two levels too deep (the dataset's own folder, its version folder), or one too high; through the
     training command, which then creates nothing."""
     from mnist_jax.train import main as train_main
-
-    from helpers import TINY_FLAGS, run_main_in_process
 
     shutil.copytree(tiny_data_dir, tmp_path / "tfds", ignore=shutil.ignore_patterns("*.lock", ".done"))
     given = f"{tmp_path}/{given}"
@@ -109,8 +105,6 @@ def test_a_data_dir_too_deep_is_named_for_a_tfds_dataset_too(shared_data_dir):
 
 def test_the_slow_tests_real_data_dir_is_a_documented_knob(monkeypatch, tmp_path):
     """$MNIST_JAX_TEST_DATA_DIR points the `slow` tests at real MNIST anywhere; their skip message names it."""
-    from helpers import REAL_DATA_VARIABLE, SHARED_DATA, real_data_dir, real_data_missing
-
     monkeypatch.delenv(REAL_DATA_VARIABLE, raising=False)
     assert real_data_dir() == SHARED_DATA
     monkeypatch.setenv(REAL_DATA_VARIABLE, str(tmp_path))
@@ -119,7 +113,7 @@ def test_the_slow_tests_real_data_dir_is_a_documented_knob(monkeypatch, tmp_path
                                            f"{REAL_DATA_VARIABLE} to a tfds data dir that holds mnist prepared")
     (tmp_path / "mnist").mkdir()
     assert real_data_missing(tmp_path) is None
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     assert f"{REAL_DATA_VARIABLE}=" in readme
 
 

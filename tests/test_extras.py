@@ -14,18 +14,10 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from helpers import REPO, digit_png, run_main_in_process
+from helpers import REPO, digit_png, module_name, package_modules, reachable, run_main_in_process
 
-PACKAGE = REPO / "mnist_jax"
 OPTIONAL_SUBPACKAGES = ("mnist_jax.serve", "mnist_jax.export")  # the tools that need an extra, one folder each
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+MODULES = package_modules()
 
 
 def import_time_imports(path: Path) -> set[str]:
@@ -53,12 +45,14 @@ def import_time_imports(path: Path) -> set[str]:
     return found - {module_name(path)}
 
 
+def normal(name: str) -> str:
+    """A distribution's name normalised (PEP 503): lower case, each run of '-', '_', '.' one '-'."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def distributions(requirements) -> set[str]:
     """The distributions these requirements install, with everything they require in turn (without extras of
-    their own), as installed here; names normalised (lower case, '-')."""
-    def normal(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
-
+    their own), as installed here; names normalised (`normal`)."""
     found, stack = set(), [Requirement(r) for r in requirements]
     while stack:
         requirement = stack.pop()
@@ -81,7 +75,7 @@ def extras_packages() -> dict[str, str]:
     modules_of: dict[str, set[str]] = {}
     for module, names in importlib.metadata.packages_distributions().items():
         for name in names:
-            modules_of.setdefault(re.sub(r"[-_.]+", "-", name).lower(), set()).add(module)
+            modules_of.setdefault(normal(name), set()).add(module)
     packages = {}
     for extra, requirements in project["optional-dependencies"].items():
         own = [r for r in requirements if not r.startswith("mnist_jax[")]
@@ -97,12 +91,7 @@ def test_no_module_a_core_install_imports_needs_an_extra() -> None:
     graph = {name: import_time_imports(path) for name, path in MODULES.items()}
     roots = {name for name in MODULES if not name.startswith(tuple(f"{sub}." for sub in OPTIONAL_SUBPACKAGES))}
     roots |= {f"{sub}.__main__" for sub in OPTIONAL_SUBPACKAGES}
-    reached, stack = set(), list(roots)
-    while stack:
-        module = stack.pop()
-        if module in MODULES and module not in reached:
-            reached.add(module)
-            stack.extend(graph[module])
+    reached = (roots | reachable(graph, roots)) & MODULES.keys()
     packages = extras_packages()
     assert {"fastapi", "uvicorn", "onnx", "onnxruntime", "ai_edge_litert", "pytest"} <= set(packages)
 

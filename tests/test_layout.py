@@ -7,21 +7,16 @@ import re
 import tokenize
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "mnist_jax"
+from helpers import REPO, module_name, package_modules, reachable
+
+PACKAGE = REPO / "mnist_jax"
 MEASUREMENT = re.compile(
     r"\d[\d,.]*\s*(ms|s|sec|seconds?|minutes?|hours?|GFLOP/s|img/s|images/s|req/s|requests/s)(?![\w/])"  # timings
     r"|[+-]\d[\d,.]*\s*%|\d[\d,.]*\s*%\s+(faster|slower|more|fewer|less)\b|\d[\d.]*x\b"  # speed-ups
     r"|\b(Zen ?\d|Xeon|EPYC|Ryzen|Core i\d|Emerald Rapids|Sapphire Rapids|Skylake|Ice Lake)\b",  # CPU models
     re.IGNORECASE)
 
-
-def module_name(path: Path) -> str:
-    """mnist_jax/export/pipeline.py -> mnist_jax.export.pipeline; a package's __init__.py -> the package."""
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+MODULES = package_modules()
 
 
 def imports_of(path: Path) -> set[str]:
@@ -42,17 +37,7 @@ def test_no_module_imports_a_module_that_imports_it_back():
     graph = {name: imports_of(path) for name, path in MODULES.items()}
     assert graph["mnist_jax.training"] >= {"mnist_jax.steps", "mnist_jax.backend", "mnist_jax.checkpoint"}
     assert "mnist_jax.export.runtimes" in graph["mnist_jax.export.pipeline"]  # subpackages are read too
-
-    def reachable(start: str) -> set[str]:
-        seen, stack = set(), [start]
-        while stack:
-            for module in graph.get(stack.pop(), ()):
-                if module not in seen:
-                    seen.add(module)
-                    stack.append(module)
-        return seen
-
-    assert [module for module in sorted(graph) if module in reachable(module)] == []
+    assert [module for module in sorted(graph) if module in reachable(graph, [module])] == []
 
 
 def comments_and_docstrings(path: Path) -> list[tuple[int, str]]:

@@ -1,13 +1,12 @@
 """Data parallelism on two CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=2), in subprocesses
 because the device count is fixed when JAX starts."""
 
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO, TINY_FLAGS, cli_env, read_jsonl
+from helpers import REPO, TINY_FLAGS, cli_env, free_port, read_jsonl
 
 pytestmark = pytest.mark.e2e  # every test here starts Python in a subprocess (two devices need a fresh JAX)
 
@@ -86,12 +85,6 @@ def test_default_device_count_divides_the_batch(tiny_data_dir, tmp_path):
     result = run(["--workdir", tmp_path / "w", "--data-dir", tiny_data_dir, *TINY_FLAGS, "--batch-size", "33",
                   "--epochs", "1"])
     assert result.returncode == 0, result.stderr
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_distributed_initialisation_with_a_single_process(tiny_data_dir, tmp_path):

@@ -13,7 +13,7 @@ from mnist_jax.export import runtimes
 from mnist_jax.images import preprocess_file
 from mnist_jax.predict import classify_files, format_result, predict_files
 
-from helpers import CLASS_NAMES, IN_PROCESS, numpy_softmax, run_tool
+from helpers import CLASS_NAMES, IN_PROCESS, digit_png, numpy_softmax, run_tool
 
 
 def save_forms(image: np.ndarray, directory, stem: str) -> list[str]:
@@ -71,7 +71,7 @@ def test_predict_missing_workdir(way, tmp_path):
 def test_a_run_with_class_names_prints_and_returns_them(named_run_in_process, tmp_path):
     """fashion_mnist's 7 is a Sneaker: the text says so, and --json gives the name beside the index."""
     digit = tmp_path / "digit.png"
-    Image.fromarray(np.pad(np.full((12, 6), 255, np.uint8), 8)).save(digit)
+    digit.write_bytes(digit_png(0))
     as_json = run_tool(IN_PROCESS, "mnist_jax.predict", "--workdir", named_run_in_process, digit, "--json")
     assert as_json.returncode == 0, as_json.stderr
     [entry] = json.loads(as_json.stdout)
@@ -93,7 +93,7 @@ def test_an_exported_models_class_names_come_from_its_manifest(tmp_path):
     assert runtimes.class_names(str(tmp_path / "model.onnx")) is None  # copied away from its manifest
     probabilities = np.eye(10, dtype=np.float32)[[7]]
     digit = tmp_path / "digit.png"
-    Image.fromarray(np.pad(np.full((12, 6), 255, np.uint8), 8)).save(digit)
+    digit.write_bytes(digit_png(0))
     for names, expected in ((CLASS_NAMES, "Sneaker"), (None, "7"), (CLASS_NAMES[:5], "7")):  # 5 names: not this one's
         [result] = classify_files(lambda images: probabilities, names, [str(digit)])
         assert (result["prediction"], result["class_name"]) == (7, expected)

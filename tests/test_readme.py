@@ -17,7 +17,8 @@ import pytest
 
 from mnist_jax.config import PRESETS, Config
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, tool_main
+
 README = REPO / "README.md"
 USAGE = REPO / "docs" / "usage.md"
 DOCUMENTS = [README, *sorted((REPO / "docs").glob("*.md"))]
@@ -49,10 +50,9 @@ def parser_of(tool: str) -> argparse.ArgumentParser:
             module = importlib.import_module(tool.removeprefix("benchmarks/").removesuffix(".py"))
         finally:
             sys.path.remove(str(REPO / "benchmarks"))
+        main = module.main
     else:
-        module = importlib.import_module(tool)
-        if hasattr(module, "__path__"):  # a package (export, serve): its command is its __main__
-            module = importlib.import_module(f"{tool}.__main__")
+        main = tool_main(tool)
     built = []
 
     def stop(parser, args=None, namespace=None):
@@ -61,7 +61,7 @@ def parser_of(tool: str) -> argparse.ArgumentParser:
 
     with mock.patch.object(argparse.ArgumentParser, "parse_args", stop), mock.patch.object(sys, "argv", [tool]):
         with pytest.raises(_ParserBuilt):
-            module.main() if module.main.__code__.co_argcount == 0 else module.main([])
+            main() if main.__code__.co_argcount == 0 else main([])
     return built[0]
 
 

@@ -24,10 +24,8 @@ from mnist_jax.config import Config, RunOptions, UserError
 from mnist_jax.tuning import results, space
 from mnist_jax.workdir import read_metrics
 
-from helpers import (REPO, SMALL_MODEL, TINY, TINY_FLAGS, PostgresServer, cli_env, results as without_timings,
-                     run_main_in_process, snapshot, train_run)
-
-SMALL_MODEL_FLAGS = ("--conv-features", "8,16", "--dense-features", "32")
+from helpers import (REPO, SMALL_MODEL, SMALL_MODEL_FLAGS, TINY, TINY_FLAGS, PostgresServer, cli_env,
+                     results as without_timings, run_main_in_process, snapshot, train_run)
 
 
 def journal(sweep_dir) -> optuna.storages.BaseStorage:

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (REPO, TINY_FLAGS, ServerProcess, StaticServer, cli_env, digit_png, npm_registry,
-                     read_jsonl)
+from helpers import (REPO, SMALL_MODEL_FLAGS, TINY_FLAGS, ServerProcess, StaticServer, cli_env, digit_png,
+                     npm_registry, read_jsonl)
 
 pytestmark = pytest.mark.e2e
-
-SMALL_MODEL_FLAGS = ("--conv-features", "8,16", "--dense-features", "32")
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,8 @@ from mnist_jax.config import Config, UserError, plural
 from mnist_jax.train import main as train_main
 from mnist_jax.transfer import main as transfer_main
 
-from helpers import IN_PROCESS, TINY_FLAGS, read_jsonl, run_main_in_process, run_tool, snapshot
-
-READING_TOOLS = ("mnist_jax.evaluate", "mnist_jax.predict", "mnist_jax.serve", "mnist_jax.export")
+from helpers import (IN_PROCESS, READING_TOOLS, SMALL_MODEL_FLAGS, TINY_FLAGS, read_jsonl, run_main_in_process,
+                     run_tool, snapshot)
 
 
 @pytest.fixture
@@ -64,8 +63,7 @@ def test_every_file_of_a_run_its_evaluation_and_a_sweeps_results_follows_the_uma
     monkeypatch.setenv(datacache.CACHE_VARIABLE, str(tmp_path / "cache"))  # its entries are written here
     run = tmp_path / "run"
     trained = run_main_in_process(train_main, "--workdir", run, "--data-dir", tiny_data_dir, *TINY_FLAGS,
-                                  "--epochs", "1", "--train-examples", "64", "--conv-features", "8,16",
-                                  "--dense-features", "32")
+                                  "--epochs", "1", "--train-examples", "64", *SMALL_MODEL_FLAGS)
     assert trained.returncode == 0, trained.stderr
     evaluated = run_tool(IN_PROCESS, "mnist_jax.evaluate", "--workdir", run, "--data-dir", tiny_data_dir)
     assert evaluated.returncode == 0, evaluated.stderr

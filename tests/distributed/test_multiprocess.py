@@ -20,8 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
-from helpers import (IN_PROCESS, REPO, TINY_FLAGS, TINY_RUN_FLAGS, ServerProcess, cli_env, digit_png, read_jsonl,
-                     results, run_tool)
+from helpers import (IN_PROCESS, REPO, TINY_FLAGS, TINY_RUN_FLAGS, ServerProcess, cli_env, digit_png, free_port,
+                     read_jsonl, results, run_tool)
 from mnist_jax.distributed import cluster, runlock
 
 pytestmark = pytest.mark.e2e
@@ -33,12 +33,6 @@ HEARTBEAT = 3  # MNIST_JAX_HEARTBEAT_TIMEOUT in the dead-peer tests: seconds wit
 JOIN_TIMEOUT = 3  # MNIST_JAX_JOIN_TIMEOUT in the test of a coordinator that never answers
 # The line JAX's runtime ends a process of a broken run with (it aborts: SIGABRT).
 JAX_ENDS_THE_PROCESS = "Terminating process because the JAX distributed service detected fatal errors"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(workdir: Path, data_dir: Path, *flags: str, log: Path, env: dict[str, str] | None = None,

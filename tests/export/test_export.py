@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import (TINY, built_once, digit_png, make_tiny_images, run_main_in_process, run_module, shared_path,
-                     web_runtime_dir)
+from helpers import (SMALL_MODEL_FLAGS, TINY, TINY_FLAGS, built_once, digit_png, make_tiny_images, run_main_in_process,
+                     run_module, shared_path, web_runtime_dir)
 
 FLOAT_FORMATS = ("tflite", "onnx", "savedmodel")
 LOCAL_FORMATS = "tflite,tflite_fp16,tflite_int8,onnx,savedmodel"  # all but web, which needs ONNX Runtime Web
@@ -350,10 +350,8 @@ def test_the_export_command_writes_every_format(run, request, tiny_data_dir, tmp
 
 @pytest.mark.e2e
 def test_a_model_some_formats_cannot_hold_gets_the_others_and_one_line_per_failure(tiny_data_dir, tmp_path) -> None:
-    from helpers import TINY_FLAGS
-
     trained = run_module("mnist_jax.train", "--workdir", tmp_path / "run", "--data-dir", tiny_data_dir, *TINY_FLAGS,
-                         "--epochs", "1", "--deskew", "true", "--conv-features", "8,16", "--dense-features", "32")
+                         "--epochs", "1", "--deskew", "true", *SMALL_MODEL_FLAGS)
     assert trained.returncode == 0, trained.stderr
     result = run_module("mnist_jax.export", "--workdir", tmp_path / "run", "--out", tmp_path / "out",
                         "--data-dir", tiny_data_dir, "--onnxruntime-web", web_runtime_dir())

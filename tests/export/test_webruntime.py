@@ -8,13 +8,12 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import socket
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, StaticServer, npm_registry
+from helpers import REPO, StaticServer, free_port, npm_registry
 from mnist_jax.export import webruntime
 
 
@@ -35,9 +34,7 @@ def members(tarball: bytes) -> dict[str, bytes]:
 
 def closed_port_url() -> str:
     """An address where nothing listens: connecting is refused at once, as offline."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def test_the_pin_the_package_ships_is_package_lock_jsons() -> None:
@@ -50,7 +47,7 @@ def test_the_pin_the_package_ships_is_package_lock_jsons() -> None:
 def test_the_first_place_that_holds_a_copy_is_used(tmp_path) -> None:
     flag, variable, checkout = (fake_dist(tmp_path / name) for name in ("flag", "variable", "checkout"))
     cache_home = tmp_path / "cache-home"
-    cached = fake_dist(cache_home / "mnist_jax" / f"{webruntime.PACKAGE}-{webruntime.VERSION}")
+    cached = fake_dist(webruntime.cache_dir({"XDG_CACHE_HOME": str(cache_home)}))
     environ = {webruntime.DIRECTORY_VARIABLE: str(variable), "XDG_CACHE_HOME": str(cache_home)}
 
     def located(given, environ, checkout_dist):
@@ -133,7 +130,7 @@ def test_a_tampered_or_wrong_tarball_is_refused_and_nothing_is_written(wrong, on
     with StaticServer(registry) as server, pytest.raises(webruntime.RuntimeUnavailable) as refused:
         environ[webruntime.REGISTRY_VARIABLE] = server.url
         webruntime.locate(None, environ, checkout_dist=None, log=lambda line: None)
-    url = f"{server.url}/{webruntime.PACKAGE}/-/{webruntime.PACKAGE}-{webruntime.VERSION}.tgz"
+    url = webruntime.tarball_url(environ)
     assert str(refused.value) == (f"refused {url}: its sha512 is {webruntime.integrity(bytes(tarball))[:27]}..., not "
                                   f"the integrity package-lock.json pins for {webruntime.PACKAGE} {webruntime.VERSION} "
                                   f"({webruntime.INTEGRITY[:27]}...); nothing was unpacked")
@@ -151,8 +148,7 @@ def test_with_no_way_to_get_it_one_line_names_every_way_and_nothing_is_written(w
         with pytest.raises(webruntime.RuntimeUnavailable) as unavailable:
             webruntime.locate(None, environ, checkout_dist=None, log=lambda line: None)
     message = str(unavailable.value)
-    url = webruntime.tarball_url(environ)
-    target = tmp_path / "cache-home" / "mnist_jax" / f"{webruntime.PACKAGE}-{webruntime.VERSION}"
+    url, target = webruntime.tarball_url(environ), webruntime.cache_dir(environ)
     assert message.startswith(
         f"the web format needs ONNX Runtime Web {webruntime.VERSION}: pass --onnxruntime-web DIR, set "
         f"$MNIST_JAX_ONNXRUNTIME_WEB, run `npm ci` in a source checkout, or let export download it from {url} into "

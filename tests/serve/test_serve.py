@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import IN_PROCESS, SUBPROCESS, ServerProcess, digit_png, make_tiny_images
+from helpers import (CLASS_NAMES, IN_PROCESS, SUBPROCESS, ServerProcess, digit_png, draw, make_tiny_images,
+                     settled_prediction)
 
 
 @dataclasses.dataclass
@@ -41,6 +42,22 @@ def server(tiny_run, tmp_path_factory):
     assert "Traceback" not in running.stderr, running.stderr
 
 
+@contextlib.contextmanager
+def in_process_app(workdir: Path):
+    """`serve.create_app` of the run in `workdir`, in this process, under FastAPI's TestClient (the ASGI app itself,
+    no socket): yields the model served and the client."""
+    from fastapi.testclient import TestClient
+
+    from mnist_jax.checkpoint import restore_model
+    from mnist_jax.inference import make_predict_fn
+    from mnist_jax.serve import app as serve
+
+    model = restore_model(str(workdir))  # what `serve` does before it listens, but for warming every batch size
+    app = serve.create_app(model, make_predict_fn(model, batch_size=serve.DEFAULT_MAX_BATCH))
+    with TestClient(app) as client:  # runs the app's lifespan: the micro-batcher starts and stops with it
+        yield model, client
+
+
 @pytest.fixture(scope="module", params=[IN_PROCESS, pytest.param(SUBPROCESS, marks=pytest.mark.e2e)])
 def served(request):
     """IN_PROCESS: `serve.create_app` of tiny_run_in_process in this process, requests through FastAPI's TestClient
@@ -51,16 +68,8 @@ def served(request):
             yield Served(request.getfixturevalue("tiny_run"), server.step, http,
                          lambda: httpx.Client(base_url=server.url, timeout=30))
         return
-    from fastapi.testclient import TestClient
-
-    from mnist_jax.serve import app as serve
-    from mnist_jax.checkpoint import restore_model
-    from mnist_jax.inference import make_predict_fn
-
     workdir = request.getfixturevalue("tiny_run_in_process")
-    model = restore_model(str(workdir))  # what `serve` does before it listens, but for warming every batch size
-    app = serve.create_app(model, make_predict_fn(model, batch_size=serve.DEFAULT_MAX_BATCH))
-    with TestClient(app) as client:  # runs the app's lifespan: the micro-batcher starts and stops with it
+    with in_process_app(workdir) as (model, client):
         yield Served(workdir, model.step, client, lambda: contextlib.nullcontext(client))
 
 
@@ -309,18 +318,8 @@ def test_port_in_use_is_a_one_line_error(way) -> None:
 
 def test_a_run_with_class_names_answers_them_and_its_page_shows_them(named_run_in_process) -> None:
     """The JSON answer gains the class's name beside its index; the page carries the names its script shows."""
-    from fastapi.testclient import TestClient
-
-    from mnist_jax.checkpoint import restore_model
-    from mnist_jax.inference import make_predict_fn
-    from mnist_jax.serve import app as serve
-
-    from helpers import CLASS_NAMES
-
-    model = restore_model(str(named_run_in_process))
-    app = serve.create_app(model, make_predict_fn(model, batch_size=serve.DEFAULT_MAX_BATCH))
-    with TestClient(app) as named:
-        for label, image in enumerate(make_tiny_images(np.arange(10), np.random.default_rng(3))[..., 0]):
+    with in_process_app(named_run_in_process) as (_, named):
+        for image in make_tiny_images(np.arange(10), np.random.default_rng(3))[..., 0]:
             body = named.post("/api/predict", json={"pixels": image.tolist()}).json()
             assert body["class_name"] == CLASS_NAMES[body["prediction"]]
         page = named.get("/").text
@@ -341,8 +340,6 @@ def test_the_favicon_is_an_icon(client) -> None:
 @pytest.mark.e2e
 def test_the_page_shows_the_class_name(browser, named_run_in_process, tmp_path) -> None:
     """Drawn on the page of a run whose classes have names: the prediction shown is a name, as the API's."""
-    from helpers import CLASS_NAMES, draw, settled_prediction
-
     running = ServerProcess(named_run_in_process, log_dir=tmp_path)
     try:
         context = browser.new_context(viewport={"width": 800, "height": 900})
